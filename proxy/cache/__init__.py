@@ -1,0 +1,1 @@
+"""The response cache: record format, backends and the fast lane."""

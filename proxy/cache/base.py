@@ -1,0 +1,45 @@
+"""The cache seam: what a cached answer holds and what a cache must do.
+
+The pipeline sees only `Cache`; backends (memory, Redis) and the fast lane
+live behind it. A cache may make a request faster, never fail it: `lookup`
+answers None on any fault, `store` never raises into the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """A complete, successful upstream answer: enough for both kinds of reader."""
+
+    status: int
+    content_type: str
+    is_sse: bool
+    events: tuple[bytes, ...]  # SSE events as the upstream framed them
+    usage_event: int | None  # index in `events` of the include_usage chunk
+    body: bytes | None  # the non-stream JSON (assembled from events, or as sent)
+    stored_at: float  # wall-clock seconds, for the Age header
+
+
+class Cache(Protocol):
+    async def lookup(self, key: str) -> CachedAnswer | None: ...
+
+    def store(self, key: str, answer: CachedAnswer, ttl: float) -> None:
+        """Schedule a write off the caller's path; the cache owns the task."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NullCache:
+    async def lookup(self, key: str) -> CachedAnswer | None:
+        return None
+
+    def store(self, key: str, answer: CachedAnswer, ttl: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

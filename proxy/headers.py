@@ -1,0 +1,78 @@
+"""Header hygiene between caller, proxy and upstream.
+
+Hop-by-hop headers (RFC 9110 §7.6.1) and any header the `Connection` header
+names belong to one connection and never cross the proxy.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed by aiohttp on each side; passing them through would lie.
+_FRAMING = frozenset({"content-length", "host", "accept-encoding", "content-encoding"})
+# Headers the proxy owns on the request it sends upstream.
+_OWNED_REQUEST = HOP_BY_HOP | _FRAMING | {"x-request-id"}
+_OWNED_RESPONSE = HOP_BY_HOP | {
+    "content-length",
+    "content-encoding",
+    "x-request-id",
+    "server",
+    "date",
+}
+
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def _connection_named(headers: Headers) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("connection", ()):
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def _filter(headers: Headers, drop: frozenset[str]) -> CIMultiDict[str]:
+    named = _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop or lower in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+def upstream_request_headers(
+    headers: Headers, request_id: str, drop_credentials: bool = False
+) -> CIMultiDict[str]:
+    """What the caller sent, minus hop-by-hop, plus our request id."""
+    drop = _OWNED_REQUEST | frozenset(CREDENTIAL_HEADERS) if drop_credentials else _OWNED_REQUEST
+    out = _filter(headers, drop)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:
+    return _filter(headers, _OWNED_RESPONSE)
+
+
+def first_credential(headers: Headers) -> str | None:
+    for name in CREDENTIAL_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value
+    return None

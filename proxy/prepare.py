@@ -1,0 +1,216 @@
+"""Prepare steps: what a route does to a request before it goes upstream.
+
+Each step is a `PrepareStep` (a Protocol): it takes the request as it stands
+and returns the request to send. Steps run in the leader stage only, once
+per upstream call, never for followers or cache hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+
+from proxy.errors import HookRejected, UpstreamUnavailable
+from proxy.policy import (
+    ClampMaxTokens,
+    HttpHook,
+    InjectKey,
+    ModelAlias,
+    PrepareStepConfig,
+    SetHeaders,
+    SystemMessage,
+)
+
+
+class Secret:
+    """A credential: usable by the code that needs it, invisible in reprs and logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """The request as it will be sent upstream."""
+
+    path: str
+    body: dict[str, Any]
+    headers: CIMultiDict[str]
+
+
+class HookClient(Protocol):
+    def session(self) -> aiohttp.ClientSession: ...
+
+
+class PrepareStep(Protocol):
+    async def __call__(self, request: Outgoing) -> Outgoing: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SetHeadersStep:
+    set: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+
+    async def __call__(self, request: Outgoing) -> Outgoing:
+        headers = request.headers.copy()
+        for name in self.remove:
+            headers.popall(name, None)
+        for name, value in self.set:
+            headers[name] = value
+        return replace(request, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class InjectKeyStep:
+    header: str
+    value: Secret
+
+    async def __call__(self, request: Outgoing) -> Outgoing:
+        headers = request.headers.copy()
+        for name in ("authorization", "api-key", "x-api-key"):
+            headers.popall(name, None)
+        headers[self.header] = self.value.reveal()
+        return replace(request, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAliasStep:
+    aliases: tuple[tuple[str, str], ...]
+
+    async def __call__(self, request: Outgoing) -> Outgoing:
+        model = request.body.get("model")
+        for alias, target in self.aliases:
+            if model == alias:
+                return replace(request, body={**request.body, "model": target})
+        return request
+
+
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class ClampMaxTokensStep:
+    max: int
+
+    async def __call__(self, request: Outgoing) -> Outgoing:
+        if request.path.endswith("/embeddings"):
+            return request
+        body = dict(request.body)
+        present = [name for name in _TOKEN_FIELDS if isinstance(body.get(name), int)]
+        for name in present:
+            body[name] = min(body[name], self.max)
+        if not present:
+            # An absent limit means "as long as the model likes": the clamp's job.
+            body["max_output_tokens" if request.path.endswith("/responses") else "max_tokens"] = (
+                self.max
+            )
+        return replace(request, body=body)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemMessageStep:
+    content: str
+
+    async def __call__(self, request: Outgoing) -> Outgoing:
+        body = dict(request.body)
+        if isinstance(body.get("messages"), list):
+            body["messages"] = [{"role": "system", "content": self.content}, *body["messages"]]
+        elif request.path.endswith("/responses"):
+            existing = body.get("instructions")
+            body["instructions"] = f"{self.content}\n\n{existing}" if existing else self.content
+        else:
+            return request
+        return replace(request, body=body)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHookStep:
+    url: str
+    timeout: float
+    client: HookClient
+
+    async def __call__(self, request: Outgoing) -> Outgoing:
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.client.session().post(
+                    self.url,
+                    data=orjson.dumps(request.body),
+                    headers={"Content-Type": "application/json"},
+                ) as response:
+                    payload = await response.read()
+                    status = response.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(
+                f"llm-sidecar: the prepare hook did not answer ({type(exc).__name__})"
+            ) from exc
+        if status >= 400:
+            raise HookRejected(_hook_message(payload, status), status)
+        try:
+            body = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamUnavailable(
+                "llm-sidecar: the prepare hook returned invalid JSON"
+            ) from exc
+        if not isinstance(body, dict):
+            raise UpstreamUnavailable("llm-sidecar: the prepare hook must return a JSON object")
+        return replace(request, body=body)
+
+
+def _hook_message(payload: bytes, status: int) -> str:
+    try:
+        data = orjson.loads(payload)
+        message = data["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        pass
+    return f"rejected by the prepare hook (status {status})"
+
+
+class MissingSecret(Exception):
+    def __init__(self, env: str) -> None:
+        super().__init__(f"environment variable {env} is not set")
+        self.env = env
+
+
+def build_step(
+    config: PrepareStepConfig, environ: dict[str, str], client: HookClient
+) -> PrepareStep:
+    if isinstance(config, SetHeaders):
+        return SetHeadersStep(tuple(config.headers.items()), config.remove)
+    if isinstance(config, InjectKey):
+        value = environ.get(config.env)
+        if not value:
+            raise MissingSecret(config.env)
+        prefix = f"{config.scheme} " if config.scheme else ""
+        return InjectKeyStep(config.header, Secret(prefix + value))
+    if isinstance(config, ModelAlias):
+        return ModelAliasStep(tuple(config.aliases.items()))
+    if isinstance(config, ClampMaxTokens):
+        return ClampMaxTokensStep(config.max)
+    if isinstance(config, SystemMessage):
+        return SystemMessageStep(config.content)
+    if isinstance(config, HttpHook):
+        return HttpHookStep(config.url, config.timeout, client)
+    raise AssertionError(f"unhandled prepare step {config!r}")
+
+
+async def run_steps(steps: tuple[PrepareStep, ...], request: Outgoing) -> Outgoing:
+    for step in steps:
+        request = await step(request)
+    return request

@@ -1,0 +1,71 @@
+"""The plain relay: requests that are not coalesced go upstream as they are.
+
+Bodies stream both ways; an SSE response passes through chunk by chunk.
+Used for GET /v1/models, files, unknown endpoints and routes with
+`coalesce: false`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.errors import BodyTooLarge, UpstreamBroken
+from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.intake import read_body
+from proxy.reply import SERVED_BY
+from proxy.routing import CompiledRoute
+from proxy.runtime import Runtime
+from proxy.upstream import open_upstream, read_chunks, upstream_url
+
+
+async def relay(
+    request: web.Request,
+    route: CompiledRoute,
+    request_id: str,
+    rt: Runtime,
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    config = route.upstream
+    limit = rt.snapshot.loaded.policy.limits.max_body_bytes
+    headers = upstream_request_headers(
+        request.headers, request_id, drop_credentials=route.upstream_key is not None
+    )
+    if route.upstream_key is not None:
+        headers["Authorization"] = route.upstream_key.reveal()
+    data: bytes | None = body
+    if data is None and request.body_exists:
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BodyTooLarge(f"llm-sidecar: the request body is over the {limit}-byte limit")
+        data = await read_body(request, limit)
+    session = rt.pool.session(route.upstream_name, config)
+    url = upstream_url(config, request.path, request.query_string)
+    upstream = await open_upstream(session, config, request.method, url, headers, data)
+    clean = False
+    try:
+        out_headers = downstream_response_headers(upstream.headers)
+        out_headers["X-Request-Id"] = request_id
+        out_headers[SERVED_BY] = "bypass"
+        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        is_sse = upstream.content_type == "text/event-stream"
+        if upstream.content_length is not None and not is_sse:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in read_chunks(upstream, config.idle_timeout):
+                await response.write(chunk)
+        except UpstreamBroken as exc:
+            if not is_sse:
+                # A cut body must look cut to the caller, not complete.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write(exc.sse_event())
+        await response.write_eof()
+        clean = True
+        return response
+    finally:
+        if clean:
+            upstream.release()
+        else:
+            upstream.close()

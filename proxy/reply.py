@@ -1,0 +1,204 @@
+"""Replies: writing a stream, a cached answer or an error to one caller.
+
+A streaming reader first replays the log from its cursor, then joins the
+stream's push set and sleeps until the producer tells it to act (the end,
+or its own buffer passing the high-water mark). While nothing arrives it
+sends an SSE comment now and then so idle timeouts on the hops between
+never cut a long wait for the first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDict
+
+from proxy.cache.base import CachedAnswer
+from proxy.errors import ProxyError, UpstreamBroken
+from proxy.intake import Intake
+from proxy.limiter import StageLimiter
+from proxy.runtime import Runtime
+from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
+from proxy.stream import Head, PushReader, Stream
+
+SERVED_BY = "x-llm-sidecar"
+_KEEPALIVE_FRAME = chunk_frame(COMMENT_KEEPALIVE)
+_DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
+
+
+def error_response(error: ProxyError, request_id: str, served: str | None = None) -> web.Response:
+    headers = error.headers()
+    headers["X-Request-Id"] = request_id
+    if served is not None:
+        headers[SERVED_BY] = served
+    return web.Response(status=error.status, body=error.body(), headers=headers)
+
+
+def _headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMultiDict[str]:
+    headers = base.copy()
+    headers["X-Request-Id"] = intake.request_id
+    headers[SERVED_BY] = served
+    return headers
+
+
+def _json_headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMultiDict[str]:
+    headers = _headers(base, intake, served)
+    for name in _DROP_FROM_JSON:
+        headers.popall(name, None)
+    headers["Content-Type"] = "application/json"
+    return headers
+
+
+class SSEOut:
+    """One caller's SSE response: its writer, transport and cursor."""
+
+    __slots__ = ("reader", "response", "writer")
+
+    def __init__(self, response: web.StreamResponse, writer: StreamWriter, wants_usage: bool):
+        self.response = response
+        self.writer = writer
+        self.reader = PushReader(writer.transport, wants_usage)
+
+    @classmethod
+    async def start(cls, request: web.Request, head: Head, intake: Intake, served: str) -> SSEOut:
+        headers = _headers(head.headers, intake, served)
+        headers.popall("content-length", None)
+        headers["Cache-Control"] = "no-cache"
+        response = web.StreamResponse(status=head.status, headers=headers)
+        response.enable_chunked_encoding()
+        writer = await response.prepare(request)
+        assert isinstance(writer, StreamWriter)
+        # Our frames go straight to the transport, so the headers must go first.
+        writer.send_headers()
+        return cls(response, writer, intake.wants_usage)
+
+    async def catch_up(self, stream: Stream, high_water: int) -> None:
+        """Write the log from this reader's cursor to its current end."""
+        reader = self.reader
+        transport = reader.transport
+        events = stream.events
+        while reader.cursor < len(events):
+            event = events[reader.cursor]
+            reader.cursor += 1
+            if event.usage_only and not reader.wants_usage:
+                continue
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            transport.write(event.frame)
+            if transport.get_write_buffer_size() > high_water:
+                await self.writer.drain()
+
+    async def follow(self, stream: Stream, high_water: int, keepalive: float) -> None:
+        loop = asyncio.get_running_loop()
+        reader = self.reader
+        while True:
+            await self.catch_up(stream, high_water)
+            if stream.state == "done":
+                return
+            reader.wake = loop.create_future()
+            if not stream.subscribe(reader):
+                continue
+            try:
+                while not reader.wake.done():
+                    before = reader.cursor
+                    await asyncio.wait((reader.wake,), timeout=keepalive)
+                    transport = reader.transport
+                    if transport is None or transport.is_closing():
+                        raise ConnectionResetError("the client went away")
+                    if not reader.wake.done() and reader.cursor == before:
+                        transport.write(_KEEPALIVE_FRAME)
+            finally:
+                stream.unsubscribe(reader)
+
+    async def end(self, error: ProxyError | None = None) -> None:
+        if error is not None:
+            transport = self.reader.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(chunk_frame(error.sse_event()))
+        await self.response.write_eof()
+
+
+def _leave(rt: Runtime, stream: Stream) -> None:
+    stream.readers -= 1
+    if stream.readers == 0 and stream.state != "done" and stream.cancel_on_abandon:
+        # Unpublish now so a request arriving this instant starts afresh.
+        rt.table.unpublish(stream)
+        if stream.pump is not None:
+            stream.pump.cancel()
+
+
+async def serve_from_stream(
+    request: web.Request,
+    intake: Intake,
+    stream: Stream,
+    rt: Runtime,
+    served: str,
+    setup_slot: StageLimiter | None,
+) -> web.StreamResponse:
+    """Answer one caller from a stream it leads or follows.
+
+    A follower holds `setup_slot` only while it attaches and, when the
+    stream is already flowing, while its backlog is replayed.
+    """
+    stream.readers += 1
+    policy = rt.snapshot.loaded.policy.stream
+    out: SSEOut | None = None
+    try:
+        if setup_slot is not None:
+            async with setup_slot.slot(intake.request_id):
+                if intake.wants_stream and stream.head.done() and stream.head.exception() is None:
+                    head = stream.head.result()
+                    if head.is_sse and head.status < 300:
+                        out = await SSEOut.start(request, head, intake, served)
+                        await out.catch_up(stream, policy.write_high_water)
+        head = await stream.head
+        if head.status >= 300 or not head.is_sse:
+            if head.status < 300:
+                await stream.finished
+                if stream.error is not None:
+                    raise stream.error
+            return web.Response(
+                status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
+            )
+        if intake.wants_stream:
+            if out is None:
+                out = await SSEOut.start(request, head, intake, served)
+            await out.follow(stream, policy.write_high_water, policy.keepalive_interval)
+            await out.response.write_eof()
+            return out.response
+        await stream.finished
+        if stream.assembled is None:
+            raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
+        return web.Response(
+            status=head.status,
+            body=stream.assembled,
+            headers=_json_headers(head.headers, intake, served),
+        )
+    except ProxyError as exc:
+        if out is not None:
+            await out.end(exc)
+            return out.response
+        return error_response(exc, intake.request_id, served)
+    finally:
+        _leave(rt, stream)
+
+
+async def serve_answer(
+    request: web.Request, intake: Intake, answer: CachedAnswer
+) -> web.StreamResponse:
+    """A cache hit: the stored events as SSE, or the stored JSON."""
+    base: CIMultiDict[str] = CIMultiDict({"Content-Type": answer.content_type})
+    base["Age"] = str(max(0, int(time.time() - answer.stored_at)))
+    if not (intake.wants_stream and answer.is_sse):
+        assert answer.body is not None
+        return web.Response(
+            status=answer.status, body=answer.body, headers=_json_headers(base, intake, "hit")
+        )
+    headers = _headers(base, intake, "hit")
+    headers["Cache-Control"] = "no-cache"
+    skip = None if intake.wants_usage else answer.usage_event
+    body = b"".join(raw for index, raw in enumerate(answer.events) if index != skip)
+    return web.Response(status=answer.status, body=body, headers=headers)

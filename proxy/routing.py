@@ -1,0 +1,97 @@
+"""A policy compiled for serving: routes with their matchers, steps and keys.
+
+Built once per (re)load from a validated `LoadedPolicy`; each request reads
+one `Snapshot` and keeps it, so a reload never changes a request mid-way.
+Everything that can fail (a missing key variable) fails here, at load time,
+as a PolicyError naming the file and path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+
+from proxy.policy import COALESCIBLE_PATHS, LoadedPolicy, PolicyError, Route, Upstream
+from proxy.prepare import HookClient, MissingSecret, PrepareStep, Secret, build_step
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    index: int
+    config: Route
+    pattern: re.Pattern[str]
+    methods: frozenset[str] | None
+    steps: tuple[PrepareStep, ...]
+    upstream_name: str
+    upstream: Upstream
+    upstream_key: Secret | None  # from the upstream's api_key_env
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.pattern.fullmatch(path) is not None
+
+    def coalesces(self, method: str, path: str) -> bool:
+        return self.config.coalesce and method == "POST" and path in COALESCIBLE_PATHS
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    loaded: LoadedPolicy
+    routes: tuple[CompiledRoute, ...]
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def match(self, method: str, path: str) -> CompiledRoute | None:
+        for route in self.routes:
+            if route.matches(method, path):
+                return route
+        return None
+
+
+def compile_policy(
+    loaded: LoadedPolicy, client: HookClient, environ: dict[str, str] | None = None
+) -> Snapshot:
+    env = dict(os.environ) if environ is None else environ
+    policy = loaded.policy
+    keys: dict[str, Secret | None] = {}
+    for name, upstream in policy.upstreams.items():
+        if upstream.api_key_env is None:
+            keys[name] = None
+            continue
+        value = env.get(upstream.api_key_env)
+        if not value:
+            raise PolicyError(
+                loaded.source,
+                f"upstreams.{name}.api_key_env",
+                f"environment variable {upstream.api_key_env} is not set",
+            )
+        keys[name] = Secret(f"Bearer {value}")
+    routes = []
+    for index, route in enumerate(policy.routes):
+        steps: list[PrepareStep] = []
+        for step_index, step in enumerate(route.prepare):
+            try:
+                steps.append(build_step(step, env, client))
+            except MissingSecret as exc:
+                raise PolicyError(
+                    loaded.source, f"routes[{index}].prepare[{step_index}].env", str(exc)
+                ) from exc
+        methods = frozenset(m.upper() for m in route.match.methods) if route.match.methods else None
+        routes.append(
+            CompiledRoute(
+                index=index,
+                config=route,
+                pattern=re.compile(fnmatch.translate(route.match.path)),
+                methods=methods,
+                steps=tuple(steps),
+                upstream_name=route.upstream,
+                upstream=policy.upstreams[route.upstream],
+                upstream_key=keys[route.upstream],
+            )
+        )
+    return Snapshot(loaded=loaded, routes=tuple(routes))

@@ -1,0 +1,165 @@
+"""The stream: one upstream response, logged once and fanned out to readers.
+
+An append-only log of events plus readers with one cursor each. A reader
+replays from event 0, then joins the push set: the producer frames each
+event once (HTTP chunk header included) and writes the same bytes straight
+to every pushed reader's transport, with no wake-up per reader. A reader
+whose transport buffer passes the high-water mark leaves the push set and
+catches up from its cursor on its own, so one slow reader never holds the
+producer or the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from multidict import CIMultiDict
+
+from proxy.errors import ProxyError
+from proxy.sse import chunk_frame
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    raw: bytes  # the event as the upstream framed it
+    frame: bytes  # raw wrapped in one HTTP chunk, built once for all readers
+    data: Any  # parsed JSON payload, or None ([DONE], non-JSON)
+    usage_only: bool  # the include_usage chunk: only readers who asked get it
+
+    @classmethod
+    def make(cls, raw: bytes, data: Any, usage_only: bool = False) -> LogEvent:
+        return cls(raw, chunk_frame(raw), data, usage_only)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The upstream's status line and headers, known before any event."""
+
+    status: int
+    headers: CIMultiDict[str]
+    is_sse: bool
+    body: bytes | None = None  # whole body for non-SSE or error responses
+
+
+class PushReader:
+    """A stream reader's place in the log and its connection."""
+
+    __slots__ = ("cursor", "transport", "wake", "wants_usage")
+
+    def __init__(self, transport: asyncio.WriteTransport | None, wants_usage: bool) -> None:
+        self.transport = transport
+        self.wants_usage = wants_usage
+        self.cursor = 0
+        # Set by whoever (producer or reader) created it; resolved by the
+        # producer when this reader must act on its own (end, buffer full).
+        self.wake: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+
+State = Literal["pending", "open", "done"]
+
+
+@dataclass(eq=False)
+class Stream:
+    """One in-flight upstream response for one key. Owned by its pump task."""
+
+    key: str
+    max_log_bytes: int
+    high_water: int
+    head: asyncio.Future[Head] = field(init=False)
+    finished: asyncio.Future[None] = field(init=False)
+    events: list[LogEvent] = field(default_factory=list)
+    size: int = 0
+    state: State = "pending"
+    error: ProxyError | None = None  # set when the stream ended abnormally
+    complete: bool = False  # a whole, cacheable answer arrived
+    readers: int = 0  # attached readers; the last one leaving may cancel
+    cancel_on_abandon: bool = False
+    assembled: bytes | None = None  # the non-stream JSON, built once at the end
+    pump: asyncio.Task[None] | None = None
+    created_at: float = 0.0
+    _push: set[PushReader] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.head = loop.create_future()
+        self.finished = loop.create_future()
+        self.created_at = loop.time()
+
+    # --- producer side (the pump task) -----------------------------------
+
+    def open(self, head: Head) -> None:
+        self.state = "open"
+        if not self.head.done():
+            self.head.set_result(head)
+
+    def fail_before_head(self, error: ProxyError | Head) -> None:
+        """No events will come: every reader answers with this error."""
+        if not self.head.done():
+            if isinstance(error, Head):
+                self.head.set_result(error)
+            else:
+                self.head.set_exception(error)
+                # Readers may all be gone; the exception is still retrieved.
+                self.head.exception()
+        self._finish()
+
+    def append(self, event: LogEvent) -> None:
+        self.events.append(event)
+        self.size += len(event.raw)
+        if not self._push:
+            return
+        frame = event.frame
+        for reader in list(self._push):
+            if event.usage_only and not reader.wants_usage:
+                reader.cursor += 1
+                continue
+            transport = reader.transport
+            if transport is None or transport.is_closing():
+                self._push.discard(reader)
+                reader.notify()
+                continue
+            transport.write(frame)
+            reader.cursor += 1
+            if transport.get_write_buffer_size() > self.high_water:
+                self._push.discard(reader)
+                reader.notify()
+
+    def end(self, *, complete: bool, error: ProxyError | None = None) -> None:
+        self.complete = complete and error is None
+        self.error = error
+        self._finish()
+
+    def _finish(self) -> None:
+        self.state = "done"
+        if not self.finished.done():
+            self.finished.set_result(None)
+        for reader in self._push:
+            reader.notify()
+        self._push.clear()
+
+    # --- reader side -------------------------------------------------------
+
+    @property
+    def joinable(self) -> bool:
+        """Whether a new follower may attach (the log is still under its cap)."""
+        return self.state != "done" and self.size <= self.max_log_bytes
+
+    def subscribe(self, reader: PushReader) -> bool:
+        """Join the push set if `reader` has caught up; False means catch up first."""
+        if self.state == "done" or reader.cursor < len(self.events):
+            return False
+        self._push.add(reader)
+        return True
+
+    def unsubscribe(self, reader: PushReader) -> None:
+        self._push.discard(reader)
+
+    @property
+    def pushed(self) -> int:
+        return len(self._push)
