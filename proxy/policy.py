@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.units import parse_duration, parse_size
 
@@ -47,11 +55,12 @@ class Upstream(_Model):
     idle_timeout: Duration = 60.0
     max_connections: int = Field(256, ge=1)
 
-    @model_validator(mode="after")
-    def _check_url(self) -> Upstream:
-        if not self.base_url.startswith(("http://", "https://")):
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
-        return self
+        return value
 
 
 class StageLimit(_Model):
@@ -116,11 +125,12 @@ class Match(_Model):
     path: str
     methods: tuple[str, ...] | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> Match:
-        if not self.path.startswith(("/", "*")):
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith(("/", "*")):
             raise ValueError("path must start with / (globs: * matches any characters)")
-        return self
+        return value
 
 
 class RouteCache(_Model):

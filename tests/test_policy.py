@@ -1,0 +1,71 @@
+"""Policy loading: every broken file names the file, the path inside it and the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.policy import PolicyError, load_policy
+from proxy.units import parse_duration, parse_size
+
+BROKEN = sorted((Path(__file__).parent / "policies" / "broken").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _expected(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: ")
+    return first.removeprefix("# expect: ")
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_broken_policy_names_file_path_and_reason(path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"error: {path}: {_expected(path)}"), result.stderr
+
+
+def test_broken_fixture_suite_is_not_empty() -> None:
+    assert len(BROKEN) >= 15
+
+
+@pytest.mark.parametrize(
+    "path",
+    [REPO / "policies" / "default.yaml", *sorted((REPO / "policies" / "examples").glob("*.yaml"))],
+)
+def test_shipped_policies_are_valid(path: Path) -> None:
+    loaded = load_policy(path)
+    assert loaded.policy.routes[-1].match.path == "/v1/*"
+
+
+def test_embedded_default_is_the_shipped_default() -> None:
+    assert load_policy(None).policy == load_policy(REPO / "policies" / "default.yaml").policy
+
+
+def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as info:
+        load_policy(tmp_path / "absent.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'absent.yaml'}: (file): ")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("10MiB", 10 * 2**20), ("64KiB", 65536), ("1GiB", 2**30), (512, 512)]
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
