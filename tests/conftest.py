@@ -1,0 +1,108 @@
+"""Shared fixtures: a real fake upstream and a real proxy, both on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from proxy.fake_upstream import FakeUpstream
+
+from proxy.app import build_app, start_site
+from proxy.policy import parse_policy
+from proxy.runtime import RUNTIME, Runtime
+
+
+@dataclass
+class RunningProxy:
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app[RUNTIME]
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for name, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = merge(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def base_policy(upstream_url: str) -> dict[str, Any]:
+    return {
+        "upstreams": {
+            "fake": {"base_url": upstream_url, "first_byte_timeout": "10s", "idle_timeout": "10s"}
+        },
+        "routes": [{"match": {"path": "/v1/*"}, "upstream": "fake"}],
+    }
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        upstream.release.set()
+        await upstream.close()
+
+
+@pytest.fixture
+async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
+    runners: list[web.AppRunner] = []
+    upstream_url = f"http://127.0.0.1:{fake.port}/v1"
+
+    async def start(policy: dict[str, Any] | None = None, *, raw: bool = False) -> RunningProxy:
+        data = (
+            policy if raw and policy is not None else merge(base_policy(upstream_url), policy or {})
+        )
+        loaded = parse_policy(yaml.safe_dump(data), "test-policy.yaml")
+        app = build_app(loaded)
+        runner, site = await start_site(app, "127.0.0.1", 0)
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return RunningProxy(app, runner, port)
+
+    try:
+        yield start
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(start_proxy: StartProxy) -> RunningProxy:
+    return await start_proxy()
+
+
+async def wait_idle(rt: Runtime, timeout: float = 5.0) -> None:
+    """Every stage back to zero in use and queued, the table and pump set empty."""
+    async with asyncio.timeout(timeout):
+        while True:
+            stats = [limiter.stats() for limiter in rt.stages.all()]
+            if (
+                all(s.in_use == 0 and s.queued == 0 for s in stats)
+                and len(rt.table) == 0
+                and not rt.pumps
+            ):
+                return
+            await asyncio.sleep(0.01)

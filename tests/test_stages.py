@@ -1,0 +1,201 @@
+"""Stage limits: the leader slot is released before the upstream slot is
+requested, no request holds two slots, and overflow/timeout answer 429/503.
+
+Assertions read the limiters' recorded stage events, not wall-clock alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.fake_upstream import FakeUpstream
+from proxy.limiter import StageEvent
+from tests.conftest import StartProxy, wait_idle
+
+
+@dataclass
+class Hook:
+    url: str
+    delay: float = 0.0
+    gate: asyncio.Event | None = None
+    calls: int = 0
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[Hook]:
+    state = Hook(url="")
+
+    async def prepare(request: web.Request) -> web.Response:
+        state.calls += 1
+        body = await request.json()
+        if state.gate is not None:
+            await state.gate.wait()
+        await asyncio.sleep(state.delay)
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_post("/prepare", prepare)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.url = f"http://127.0.0.1:{port}/prepare"
+    try:
+        yield state
+    finally:
+        if state.gate is not None:
+            state.gate.set()
+        await runner.cleanup()
+
+
+def _policy(
+    hook: Hook, leader: dict[str, Any], upstream: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "stages": {
+            "leader": leader,
+            "upstream": upstream
+            or {"max_concurrency": 16, "max_queue": 64, "queue_timeout": "30s"},
+        },
+        "routes": [
+            {
+                "match": {"path": "/v1/*"},
+                "upstream": "fake",
+                "prepare": [{"step": "http_hook", "url": hook.url, "timeout": "30s"}],
+            }
+        ],
+    }
+
+
+def _chat(n: int, stream: bool = True) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": f"prompt {n}"}],
+        "stream": stream,
+    }
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with session.post(url, json=body) as response:
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+def _first(events: list[StageEvent], holder: str, stage: str, kind: str) -> float:
+    return next(e.at for e in events if e.holder == holder and e.stage == stage and e.kind == kind)
+
+
+async def test_seed_scenario_third_request_prepares_after_one_second_not_six(
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
+) -> None:
+    hook.delay = 1.0
+    fake.settings = replace(fake.settings, tokens=10, token_delay=0.5)  # ~5 s streams
+    proxy = await start_proxy(
+        _policy(hook, {"max_concurrency": 2, "max_queue": 8, "queue_timeout": "30s"})
+    )
+    recorder = proxy.runtime.record_stages()
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        tasks = []
+        for n in range(3):
+            body = _chat(n)
+            tasks.append(asyncio.create_task(_post_with_id(session, url, body, f"req-{n}")))
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*tasks)
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    events = recorder.events
+    leaders = sorted(
+        (f"req-{n}" for n in range(3)), key=lambda h: _first(events, h, "leader", "acquire")
+    )
+    first, second, third = leaders
+    start = _first(events, first, "leader", "acquire")
+    third_prepares = _first(events, third, "leader", "acquire")
+    # The third request was prepared as soon as a leader slot was released
+    # (after ~1 s of hook), while both earlier streams were still running.
+    assert (
+        third_prepares >= _first(events, first, "leader", "release") - 1e-6
+        or third_prepares >= _first(events, second, "leader", "release") - 1e-6
+    )
+    assert third_prepares < _first(events, first, "upstream", "release")
+    assert third_prepares < _first(events, second, "upstream", "release")
+    assert 0.8 <= third_prepares - start < 3.0
+    # Invariant 2: each leader slot is released before that request asks for upstream.
+    for holder in leaders:
+        assert _first(events, holder, "leader", "release") <= _first(
+            events, holder, "upstream", "acquire"
+        )
+    # Invariant 1: nobody held two slots at once.
+    assert recorder.violations == []
+    await wait_idle(proxy.runtime)
+
+
+async def _post_with_id(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], request_id: str
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with session.post(url, json=body, headers={"X-Request-Id": request_id}) as response:
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def test_queue_overflow_answers_exactly_the_excess_with_429(
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
+) -> None:
+    hook.gate = asyncio.Event()
+    proxy = await start_proxy(
+        _policy(hook, {"max_concurrency": 2, "max_queue": 3, "queue_timeout": "30s"})
+    )
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.create_task(_post(session, url, _chat(n, stream=False))) for n in range(9)]
+        async with asyncio.timeout(10):
+            while sum(t.done() for t in tasks) < 4:
+                await asyncio.sleep(0.01)
+        stats = proxy.runtime.stages.leader.stats()
+        assert (stats.in_use, stats.queued) == (2, 3)
+        hook.gate.set()
+        results = await asyncio.gather(*tasks)
+    rejected = [r for r in results if r[0] == 429]
+    assert len(rejected) == 4
+    assert all(r[0] == 200 for r in results if r[0] != 429)
+    for _, headers, body in rejected:
+        assert int(headers["Retry-After"]) >= 1
+        assert orjson.loads(body)["error"]["code"] == "proxy_queue_full"
+    await wait_idle(proxy.runtime)
+
+
+async def test_queue_timeout_answers_503(
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
+) -> None:
+    hook.gate = asyncio.Event()
+    proxy = await start_proxy(
+        _policy(hook, {"max_concurrency": 1, "max_queue": 5, "queue_timeout": "200ms"})
+    )
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        held = asyncio.create_task(_post(session, url, _chat(0, stream=False)))
+        async with asyncio.timeout(5):
+            while proxy.runtime.stages.leader.stats().in_use < 1:
+                await asyncio.sleep(0.01)
+        status, headers, body = await _post(session, url, _chat(1, stream=True))
+        hook.gate.set()
+        assert (await held)[0] == 200
+    assert status == 503
+    assert "Retry-After" in headers
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "proxy_queue_timeout" and set(error) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    await wait_idle(proxy.runtime)
