@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 from multidict import CIMultiDict
 
@@ -119,9 +120,7 @@ async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: 
                 stream.fail_before_head(head)
         else:
             stream.open(Head(response.status, down, is_sse=True))
-            await _pump_events(
-                stream, response.content_type, outgoing.path, response, config.idle_timeout
-            )
+            await _pump_events(stream, outgoing.path, response, config.idle_timeout)
         clean = True
     finally:
         if clean:
@@ -131,7 +130,7 @@ async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: 
 
 
 async def _pump_events(
-    stream: Stream, content_type: str, path: str, response: Any, idle_timeout: float
+    stream: Stream, path: str, response: aiohttp.ClientResponse, idle_timeout: float
 ) -> None:
     decoder = SSEDecoder()
     payloads: list[dict[str, Any]] = []

@@ -9,7 +9,9 @@ tasks it owns.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -102,8 +104,8 @@ class Runtime:
         self.stages.observe(self.recorder)
         return self.recorder
 
-    def spawn_pump(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def spawn_pump(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self.pumps.add(task)
         task.add_done_callback(self.pumps.discard)
         return task
