@@ -4,8 +4,8 @@ once per upstream call, in the leader stage only."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
