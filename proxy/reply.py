@@ -182,6 +182,10 @@ async def serve_from_stream(
             await out.end(exc)
             return out.response
         return error_response(exc, intake.request_id, served)
+    except ConnectionResetError:
+        # The caller went away mid-stream; only this reader leaves. Nobody
+        # reads what we return; 499 is what access logs call it.
+        return out.response if out is not None else web.Response(status=499)
     finally:
         _leave(rt, stream)
 
