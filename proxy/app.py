@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 
 import uvloop
 from aiohttp import web
 
+from proxy.cache.factory import build_cache
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
 from proxy.routing import compile_policy
@@ -36,7 +38,13 @@ async def readyz(request: web.Request) -> web.Response:
 def build_app(loaded: LoadedPolicy) -> web.Application:
     hooks = HookSession()
     snapshot = compile_policy(loaded, hooks)
-    rt = Runtime(snapshot=snapshot, stages=StageSet.from_policy(loaded.policy.stages), hooks=hooks)
+    rt = Runtime(
+        snapshot=snapshot,
+        stages=StageSet.from_policy(loaded.policy.stages),
+        hooks=hooks,
+        # Builds without connecting: a Redis that is down costs misses, not start-up.
+        cache=build_cache(loaded.policy, os.environ, source=loaded.source),
+    )
     # Bodies are read (and limited) by intake itself, not by aiohttp.
     app = web.Application(client_max_size=loaded.policy.limits.max_body_bytes + 1)
     app[RUNTIME] = rt

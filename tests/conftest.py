@@ -54,6 +54,8 @@ def base_policy(upstream_url: str) -> dict[str, Any]:
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
+pytest_plugins = ["tests.conftest_redis"]
+
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeUpstream]:
