@@ -230,13 +230,16 @@ class _PathError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
 class PolicyError(Exception):
     """A policy that cannot be used: which file, where inside it, and why."""
 
-    file: str
-    path: str
-    reason: str
+    # A plain class, not a frozen dataclass: the runtime sets __traceback__
+    # and __context__ on exceptions, which a frozen instance refuses.
+    def __init__(self, file: str, path: str, reason: str) -> None:
+        super().__init__(file, path, reason)
+        self.file = file
+        self.path = path
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.file}: {self.path}: {self.reason}"
