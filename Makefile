@@ -30,14 +30,14 @@ tools: redis-server
 	@scripts/ensure-helm.sh $(HELM_VERSION) $(TOOLS)
 
 test: $(BIN)/.installed-test tools
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(BIN)/.installed-test
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format proxy tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format .
 	$(BIN)/mypy
 
 bench: $(BIN)/.installed-test

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from proxy.fake_upstream import FakeUpstream
 
 from proxy.app import build_app, start_site
+from proxy.fake_upstream import FakeUpstream
 from proxy.policy import parse_policy
 from proxy.runtime import RUNTIME, Runtime
 
