@@ -14,16 +14,28 @@ from typing import Any
 _SKIP_TOP = frozenset({"choices", "object", "usage"})
 
 
+def _top_fields(chunk: dict[str, Any], top: dict[str, Any]) -> None:
+    """Fields shared by every chunk (id, model, created...), first value wins."""
+    for name, value in chunk.items():
+        if name not in _SKIP_TOP and name not in top:
+            top[name] = value
+    if chunk.get("usage") is not None:
+        top["usage"] = chunk["usage"]
+
+
+def _finish(top: dict[str, Any], kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {name: value for name, value in top.items() if name != "usage"}
+    out["object"] = kind
+    out["choices"] = choices
+    out["usage"] = top.get("usage")
+    return out
+
+
 def assemble_chat(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
     top: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
-    usage: Any = None
     for chunk in chunks:
-        for name, value in chunk.items():
-            if name not in _SKIP_TOP and name not in top:
-                top[name] = value
-        if chunk.get("usage") is not None:
-            usage = chunk["usage"]
+        _top_fields(chunk, top)
         for part in chunk.get("choices") or ():
             choice = choices.setdefault(
                 part.get("index", 0),
@@ -35,11 +47,9 @@ def assemble_chat(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 },
             )
             _merge_chat_delta(choice, part)
-    out: dict[str, Any] = dict(top)
-    out["object"] = "chat.completion"
-    out["choices"] = [_finish_chat_choice(i, choices[i]) for i in sorted(choices)]
-    out["usage"] = usage
-    return out
+    return _finish(
+        top, "chat.completion", [_finish_chat_choice(i, choices[i]) for i in sorted(choices)]
+    )
 
 
 def _merge_chat_delta(choice: dict[str, Any], part: dict[str, Any]) -> None:
@@ -101,13 +111,8 @@ def _finish_chat_choice(index: int, choice: dict[str, Any]) -> dict[str, Any]:
 def assemble_completion(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
     top: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
-    usage: Any = None
     for chunk in chunks:
-        for name, value in chunk.items():
-            if name not in _SKIP_TOP and name not in top:
-                top[name] = value
-        if chunk.get("usage") is not None:
-            usage = chunk["usage"]
+        _top_fields(chunk, top)
         for part in chunk.get("choices") or ():
             index = part.get("index", 0)
             choice = choices.setdefault(
@@ -124,11 +129,7 @@ def assemble_completion(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 choice["logprobs"] = merged
             if part.get("finish_reason") is not None:
                 choice["finish_reason"] = part["finish_reason"]
-    out: dict[str, Any] = dict(top)
-    out["object"] = "text_completion"
-    out["choices"] = [choices[i] for i in sorted(choices)]
-    out["usage"] = usage
-    return out
+    return _finish(top, "text_completion", [choices[i] for i in sorted(choices)])
 
 
 RESPONSE_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.app import build_app, start_site
 from proxy.fake_upstream import FakeUpstream
@@ -94,6 +96,26 @@ async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
 @pytest.fixture
 async def proxy(start_proxy: StartProxy) -> RunningProxy:
     return await start_proxy()
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str
+) -> tuple[int, CIMultiDict[str], bytes]:
+    """POST JSON; the status, the headers and the whole body."""
+    async with session.post(url, json=body, headers=headers) as response:
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition that no event signals, bounded by `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def wait_readers(proxy: RunningProxy, readers: int, timeout: float = 10.0) -> None:
+    """Until `readers` callers are attached to live streams."""
+    await until(lambda: sum(s.readers for s in proxy.runtime.table) >= readers, timeout)
 
 
 async def wait_idle(rt: Runtime, timeout: float = 5.0) -> None:

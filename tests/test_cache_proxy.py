@@ -15,10 +15,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from multidict import CIMultiDict
 
 from proxy.fake_upstream import FakeUpstream
-from tests.conftest import RunningProxy, StartProxy, wait_idle
+from tests.conftest import RunningProxy, StartProxy, post, wait_idle
 from tests.redis_server import RedisServer
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "cache me"}]}
@@ -44,13 +43,6 @@ def _policy(
             }
         ],
     }
-
-
-async def _post(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with session.post(url, json=body, headers=headers) as response:
-        return response.status, CIMultiDict(response.headers), await response.read()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -119,10 +111,10 @@ async def test_partial_and_error_answers_are_never_cached(
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         for stream in (True, False):
-            await _post(session, url, {**CHAT, "stream": stream})
+            await post(session, url, {**CHAT, "stream": stream})
         await _stored(proxy)
         fake.settings = replace(fake.settings, drop_after=None, error_status=None)
-        status, headers, _ = await _post(session, url, CHAT)
+        status, headers, _ = await post(session, url, CHAT)
     assert status == 200 and headers["x-llm-sidecar"] == "lead"
     assert proxy.runtime.cache.stats().store_ok == 1  # type: ignore[attr-defined]
     await wait_idle(proxy.runtime)
@@ -135,7 +127,7 @@ async def test_cache_control_and_determinism(fake: FakeUpstream, start_proxy: St
         served = []
         for directive in ("no-store", "no-cache", "", "no-cache", ""):
             headers = {"Cache-Control": directive} if directive else {}
-            _, out, _ = await _post(session, url, CHAT, **headers)
+            _, out, _ = await post(session, url, CHAT, **headers)
             served.append(out["x-llm-sidecar"])
             await _stored(proxy)
     # no-store: neither read nor written; no-cache: not read, but written.
@@ -146,9 +138,9 @@ async def test_cache_control_and_determinism(fake: FakeUpstream, start_proxy: St
     url = f"{only.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         for body in (CHAT, {**CHAT, "temperature": 0}, {**CHAT, "seed": 7}):
-            first = (await _post(session, url, body))[1]["x-llm-sidecar"]
+            first = (await post(session, url, body))[1]["x-llm-sidecar"]
             await _stored(only)
-            second = (await _post(session, url, body))[1]["x-llm-sidecar"]
+            second = (await post(session, url, body))[1]["x-llm-sidecar"]
             assert first == "lead"
             assert second == ("lead" if body is CHAT else "hit")
 
@@ -158,11 +150,11 @@ async def test_tenants_never_see_each_others_entries(
 ) -> None:
     url = f"{cached_proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
-        a1 = await _post(session, url, CHAT, Authorization="Bearer sk-alice")
+        a1 = await post(session, url, CHAT, Authorization="Bearer sk-alice")
         await _stored(cached_proxy)
-        b1 = await _post(session, url, CHAT, Authorization="Bearer sk-bob")
+        b1 = await post(session, url, CHAT, Authorization="Bearer sk-bob")
         await _stored(cached_proxy)
-        a2 = await _post(session, url, CHAT, Authorization="Bearer sk-alice")
+        a2 = await post(session, url, CHAT, Authorization="Bearer sk-alice")
     assert [r[1]["x-llm-sidecar"] for r in (a1, b1, a2)] == ["lead", "lead", "hit"]
     assert fake.total_calls == 2
 
@@ -174,7 +166,7 @@ async def test_credentials_never_reach_redis(
 
     proxy = await start_proxy(_policy("redis", redis_server))
     async with aiohttp.ClientSession() as session:
-        await _post(
+        await post(
             session,
             f"{proxy.base_url}/chat/completions",
             CHAT,
@@ -206,12 +198,12 @@ async def test_hits_do_not_queue_behind_busy_stages(
     )
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await _post(session, url, CHAT)  # the entry the hits will read
+        await post(session, url, CHAT)  # the entry the hits will read
         await _stored(proxy)
         fake.hold_after = 0  # every new upstream call now hangs until released
         slow = [
             asyncio.create_task(
-                _post(
+                post(
                     session,
                     url,
                     {
@@ -233,7 +225,7 @@ async def test_hits_do_not_queue_behind_busy_stages(
                 await asyncio.sleep(0.01)
         recorder = proxy.runtime.record_stages()
         async with asyncio.timeout(30):
-            hits = await asyncio.gather(*(_post(session, url, CHAT) for _ in range(1000)))
+            hits = await asyncio.gather(*(post(session, url, CHAT) for _ in range(1000)))
         assert all(status == 200 and h["x-llm-sidecar"] == "hit" for status, h, _ in hits)
         assert recorder.events == []  # no hit touched a stage
         fake.release.set()
@@ -252,11 +244,11 @@ async def test_redis_outage_fails_no_request(
     cache: Any = proxy.runtime.cache
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
-        assert (await _post(session, url, CHAT))[0] == 200
+        assert (await post(session, url, CHAT))[0] == 200
         await _stored(proxy)
-        assert (await _post(session, url, CHAT))[1]["x-llm-sidecar"] == "hit"
+        assert (await post(session, url, CHAT))[1]["x-llm-sidecar"] == "hit"
         redis_server.kill()
-        statuses = [(await _post(session, url, CHAT))[0] for _ in range(6)]
+        statuses = [(await post(session, url, CHAT))[0] for _ in range(6)]
         assert statuses == [200] * 6
         assert cache.stats().breaker_opened >= 1
         redis_server.restart()
@@ -264,7 +256,7 @@ async def test_redis_outage_fails_no_request(
         async with asyncio.timeout(10):
             while served != "hit":
                 # The restarted Redis is empty: the first success re-stores the entry.
-                status, headers, _ = await _post(session, url, CHAT)
+                status, headers, _ = await post(session, url, CHAT)
                 assert status == 200
                 served = headers["x-llm-sidecar"]
                 await _stored(proxy)
@@ -283,14 +275,14 @@ async def test_hung_redis_costs_at_most_the_timeout(
     admin = aioredis.Redis(port=redis_server.port)
     try:
         async with aiohttp.ClientSession() as session:
-            await _post(session, url, CHAT)  # warm the pools
+            await post(session, url, CHAT)  # warm the pools
             started = time.monotonic()
-            await _post(session, url, {**CHAT, "seed": 1})
+            await post(session, url, {**CHAT, "seed": 1})
             baseline = time.monotonic() - started
             sleeper = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "1.5"))
             await asyncio.sleep(0.05)
             started = time.monotonic()
-            status, headers, _ = await _post(session, url, {**CHAT, "seed": 2})
+            status, headers, _ = await post(session, url, {**CHAT, "seed": 2})
             during = time.monotonic() - started
             await sleeper
     finally:

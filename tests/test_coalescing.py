@@ -14,25 +14,11 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
-from multidict import CIMultiDict
 
 from proxy.fake_upstream import FakeUpstream
-from tests.conftest import RunningProxy, StartProxy, wait_idle
+from tests.conftest import RunningProxy, StartProxy, post, wait_idle, wait_readers
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "coalesce me"}]}
-
-
-async def _wait_readers(proxy: RunningProxy, readers: int, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while sum(s.readers for s in proxy.runtime.table) < readers:
-            await asyncio.sleep(0.005)
-
-
-async def _post(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with session.post(url, json=body, headers=headers) as response:
-        return response.status, CIMultiDict(response.headers), await response.read()
 
 
 def _strip_volatile(obj: dict[str, Any]) -> dict[str, Any]:
@@ -46,14 +32,14 @@ async def test_200_identical_requests_make_one_upstream_call(
     url = f"{proxy.base_url}/chat/completions"
     bodies = [{**CHAT, "stream": i % 4 != 0} for i in range(200)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks = [asyncio.create_task(_post(session, url, body)) for body in bodies]
-        await _wait_readers(proxy, 200)
+        tasks = [asyncio.create_task(post(session, url, body)) for body in bodies]
+        await wait_readers(proxy, 200)
         fake.release.set()
         async with asyncio.timeout(30):
             results = await asyncio.gather(*tasks)
         fake.hold_after = None
         async with aiohttp.ClientSession() as direct:
-            _, _, direct_body = await _post(
+            _, _, direct_body = await post(
                 direct, f"http://127.0.0.1:{fake.port}/v1/chat/completions", CHAT
             )
     assert fake.total_calls == 2  # ours, and the direct reference call
@@ -87,7 +73,7 @@ async def test_late_joiner_gets_the_whole_stream(fake: FakeUpstream, proxy: Runn
         async with asyncio.timeout(10):
             await fake.reached_hold.wait()
         late = asyncio.create_task(read())
-        await _wait_readers(proxy, 2)
+        await wait_readers(proxy, 2)
         fake.release.set()
         early_text, late_text = await asyncio.gather(first, late)
     finally:
@@ -105,8 +91,8 @@ async def test_usage_chunk_only_for_readers_who_asked(
     with_usage = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     without = {**CHAT, "stream": True}
     async with aiohttp.ClientSession() as session:
-        tasks = [asyncio.create_task(_post(session, url, b)) for b in (with_usage, without)]
-        await _wait_readers(proxy, 2)
+        tasks = [asyncio.create_task(post(session, url, b)) for b in (with_usage, without)]
+        await wait_readers(proxy, 2)
         fake.release.set()
         (_, _, a), (_, _, b) = await asyncio.gather(*tasks)
     usage_events = [e for e in a.split(b"\n\n") if b'"choices":[]' in e]
@@ -120,10 +106,10 @@ async def test_different_credentials_never_share(fake: FakeUpstream, proxy: Runn
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         tasks = [
-            asyncio.create_task(_post(session, url, CHAT, Authorization=f"Bearer sk-{who}"))
+            asyncio.create_task(post(session, url, CHAT, Authorization=f"Bearer sk-{who}"))
             for who in ("alice", "bob", "alice")
         ]
-        await _wait_readers(proxy, 3)
+        await wait_readers(proxy, 3)
         assert len(proxy.runtime.table) == 2
         fake.release.set()
         results = await asyncio.gather(*tasks)
@@ -141,10 +127,10 @@ async def test_shared_route_lets_tenants_share(fake: FakeUpstream, start_proxy: 
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         tasks = [
-            asyncio.create_task(_post(session, url, CHAT, Authorization=f"Bearer sk-{who}"))
+            asyncio.create_task(post(session, url, CHAT, Authorization=f"Bearer sk-{who}"))
             for who in ("alice", "bob")
         ]
-        await _wait_readers(proxy, 2)
+        await wait_readers(proxy, 2)
         fake.release.set()
         await asyncio.gather(*tasks)
     assert fake.total_calls == 1
@@ -157,8 +143,8 @@ async def test_embeddings_coalesce_as_plain_responses(
     body = {"model": "emb", "input": ["a", "b"], "encoding_format": "float"}
     url = f"{proxy.base_url}/embeddings"
     async with aiohttp.ClientSession() as session:
-        tasks = [asyncio.create_task(_post(session, url, body)) for _ in range(5)]
-        await _wait_readers(proxy, 5)
+        tasks = [asyncio.create_task(post(session, url, body)) for _ in range(5)]
+        await wait_readers(proxy, 5)
         results = await asyncio.gather(*tasks)
     assert fake.total_calls == 1
     assert len({b for _, _, b in results}) == 1
@@ -183,15 +169,15 @@ async def test_slow_reader_never_holds_the_others(
         b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
     )
     await loop.sock_sendall(slow, request)
-    await _wait_readers(proxy, 1)
+    await wait_readers(proxy, 1)
     async with aiohttp.ClientSession() as session:
         fast = [
             asyncio.create_task(
-                _post(session, f"{proxy.base_url}/chat/completions", orjson.loads(body))
+                post(session, f"{proxy.base_url}/chat/completions", orjson.loads(body))
             )
             for _ in range(3)
         ]
-        await _wait_readers(proxy, 4)
+        await wait_readers(proxy, 4)
         fake.release.set()
         async with asyncio.timeout(20):
             fast_results = await asyncio.gather(*fast)

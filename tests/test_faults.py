@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
-from multidict import CIMultiDict
 
 from proxy.fake_upstream import FakeUpstream
-from tests.conftest import RunningProxy, StartProxy, wait_idle
+from tests.conftest import RunningProxy, StartProxy, post, until, wait_idle, wait_readers
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "faults"}]}
-
-
-async def _wait_readers(proxy: RunningProxy, readers: int) -> None:
-    async with asyncio.timeout(10):
-        while sum(s.readers for s in proxy.runtime.table) < readers:
-            await asyncio.sleep(0.005)
-
-
-async def _post(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with session.post(url, json=body, headers=headers) as response:
-        return response.status, CIMultiDict(response.headers), await response.read()
 
 
 @pytest.mark.parametrize("status", [500, 429, 400])
@@ -43,13 +28,13 @@ async def test_error_before_first_event_reaches_every_reader(
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         tasks = [
-            asyncio.create_task(_post(session, url, {**CHAT, "stream": i % 2 == 0}))
+            asyncio.create_task(post(session, url, {**CHAT, "stream": i % 2 == 0}))
             for i in range(6)
         ]
-        await _wait_readers(proxy, 6)
+        await wait_readers(proxy, 6)
         results = await asyncio.gather(*tasks)
         fake.settings = replace(fake.settings, header_delay=0)
-        direct = await _post(session, f"http://127.0.0.1:{fake.port}/v1/chat/completions", CHAT)
+        direct = await post(session, f"http://127.0.0.1:{fake.port}/v1/chat/completions", CHAT)
     assert fake.total_calls == 2
     for result_status, headers, body in results:
         assert result_status == status
@@ -74,8 +59,8 @@ async def test_drop_mid_stream_ends_every_reader_with_an_error(
 
         async with aiohttp.ClientSession() as session:
             readers = [asyncio.create_task(stream_reader()) for _ in range(3)]
-            plain = asyncio.create_task(_post(session, url, CHAT, Authorization="Bearer sk-a"))
-            await _wait_readers(proxy, 4)
+            plain = asyncio.create_task(post(session, url, CHAT, Authorization="Bearer sk-a"))
+            await wait_readers(proxy, 4)
             fake.release.set()
             outcomes = await asyncio.gather(*readers, return_exceptions=True)
             plain_status, _, plain_body = await plain
@@ -101,11 +86,11 @@ async def test_leader_disconnect_leaves_followers_reading(
     async with asyncio.timeout(10):
         await fake.reached_hold.wait()
     async with aiohttp.ClientSession() as session:
-        followers = [asyncio.create_task(_post(session, url, body)) for _ in range(3)]
-        await _wait_readers(proxy, 4)
+        followers = [asyncio.create_task(post(session, url, body)) for _ in range(3)]
+        await wait_readers(proxy, 4)
         leader_response.close()  # the leader's caller goes away mid-stream
         await leader_session.close()
-        await _until(lambda: sum(s.readers for s in proxy.runtime.table) == 3)
+        await until(lambda: sum(s.readers for s in proxy.runtime.table) == 3)
         fake.release.set()
         results = await asyncio.gather(*followers)
     assert {status for status, _, _ in results} == {200}
@@ -113,12 +98,6 @@ async def test_leader_disconnect_leaves_followers_reading(
     assert results[0][2].endswith(b"data: [DONE]\n\n")
     assert fake.total_calls == 1
     await wait_idle(proxy.runtime)
-
-
-async def _until(predicate: Any, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 @pytest.mark.parametrize("on_abandon", ["finish", "cancel"])
@@ -142,16 +121,16 @@ async def test_all_readers_leave(
     url = f"{proxy.base_url}/chat/completions"
     sessions = [aiohttp.ClientSession() for _ in range(3)]
     responses = [await s.post(url, json={**CHAT, "stream": True}) for s in sessions]
-    await _wait_readers(proxy, 3)
+    await wait_readers(proxy, 3)
     async with asyncio.timeout(10):
         await fake.reached_hold.wait()
     for response, session in zip(responses, sessions, strict=True):
         response.close()
         await session.close()
-    await _until(lambda: all(s.readers == 0 for s in proxy.runtime.table))
+    await until(lambda: all(s.readers == 0 for s in proxy.runtime.table))
     if on_abandon == "cancel":
         # The upstream call is cut: the fake's handler goes away, and nothing is cached.
-        await _until(lambda: fake.in_flight == 0)
+        await until(lambda: fake.in_flight == 0)
         await wait_idle(proxy.runtime)
         fake.release.set()
     else:
@@ -161,7 +140,7 @@ async def test_all_readers_leave(
     # A repeat shows whether the abandoned call finished and was cached.
     fake.hold_after = None
     async with aiohttp.ClientSession() as session:
-        status, headers, _ = await _post(session, url, {**CHAT, "stream": True})
+        status, headers, _ = await post(session, url, {**CHAT, "stream": True})
     assert status == 200
     assert headers["x-llm-sidecar"] == ("hit" if on_abandon == "finish" else "lead")
     await wait_idle(proxy.runtime)

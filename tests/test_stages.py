@@ -15,11 +15,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.fake_upstream import FakeUpstream
 from proxy.limiter import StageEvent
-from tests.conftest import StartProxy, wait_idle
+from tests.conftest import StartProxy, post, wait_idle
 
 
 @dataclass
@@ -85,13 +84,6 @@ def _chat(n: int, stream: bool = True) -> dict[str, Any]:
     }
 
 
-async def _post(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with session.post(url, json=body) as response:
-        return response.status, CIMultiDict(response.headers), await response.read()
-
-
 def _first(events: list[StageEvent], holder: str, stage: str, kind: str) -> float:
     return next(e.at for e in events if e.holder == holder and e.stage == stage and e.kind == kind)
 
@@ -110,7 +102,9 @@ async def test_seed_scenario_third_request_prepares_after_one_second_not_six(
         tasks = []
         for n in range(3):
             body = _chat(n)
-            tasks.append(asyncio.create_task(_post_with_id(session, url, body, f"req-{n}")))
+            tasks.append(
+                asyncio.create_task(post(session, url, body, **{"X-Request-Id": f"req-{n}"}))
+            )
         async with asyncio.timeout(30):
             results = await asyncio.gather(*tasks)
     assert [status for status, _, _ in results] == [200, 200, 200]
@@ -140,13 +134,6 @@ async def test_seed_scenario_third_request_prepares_after_one_second_not_six(
     await wait_idle(proxy.runtime)
 
 
-async def _post_with_id(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], request_id: str
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with session.post(url, json=body, headers={"X-Request-Id": request_id}) as response:
-        return response.status, CIMultiDict(response.headers), await response.read()
-
-
 async def test_queue_overflow_answers_exactly_the_excess_with_429(
     fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
 ) -> None:
@@ -156,7 +143,7 @@ async def test_queue_overflow_answers_exactly_the_excess_with_429(
     )
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
-        tasks = [asyncio.create_task(_post(session, url, _chat(n, stream=False))) for n in range(9)]
+        tasks = [asyncio.create_task(post(session, url, _chat(n, stream=False))) for n in range(9)]
         async with asyncio.timeout(10):
             while sum(t.done() for t in tasks) < 4:
                 await asyncio.sleep(0.01)
@@ -182,11 +169,11 @@ async def test_queue_timeout_answers_503(
     )
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
-        held = asyncio.create_task(_post(session, url, _chat(0, stream=False)))
+        held = asyncio.create_task(post(session, url, _chat(0, stream=False)))
         async with asyncio.timeout(5):
             while proxy.runtime.stages.leader.stats().in_use < 1:
                 await asyncio.sleep(0.01)
-        status, headers, body = await _post(session, url, _chat(1, stream=True))
+        status, headers, body = await post(session, url, _chat(1, stream=True))
         hook.gate.set()
         assert (await held)[0] == 200
     assert status == 503
