@@ -2,10 +2,11 @@
 # Usage: scripts/ensure-helm.sh VERSION DIR
 #
 # Make DIR/bin/helm exist and report VERSION, building it from source with
-# `go install` (Helm publishes no Go-free way to pin a CLI that CI can trust
-# without a checksum dance). A second run is a no-op; a rebuild of the same
-# version on a machine that built it before is fast because Go's module and
-# build caches stay in their default places (~/go/pkg/mod, ~/.cache/go-build).
+# `go install`: the Go module proxy and checksum database vouch for the
+# source, so there is no release tarball to verify. A second run is a no-op;
+# a rebuild of the same version on a machine that built it before is fast
+# because Go's module and build caches stay in their default places
+# (~/go/pkg/mod, ~/.cache/go-build).
 #
 # Works unattended (CI=true, root, no tty). Go is taken from PATH, else
 # /usr/local/go/bin/go, else Debian's golang-go; a Go older than Helm's
