@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.cache.base import Cache, NullCache
 from proxy.limiter import StageEvent, StageLimiter
+from proxy.metrics import Metrics
 from proxy.policy import Stages
 from proxy.routing import Snapshot
 from proxy.table import InflightTable
@@ -98,6 +99,8 @@ class Runtime:
     pumps: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
     recorder: StageRecorder | None = None
+    # This app's own registry: tests and apps in one process never share one.
+    metrics: Metrics = field(default_factory=Metrics)
 
     def record_stages(self) -> StageRecorder:
         self.recorder = StageRecorder()
