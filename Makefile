@@ -8,7 +8,7 @@ HELM_VERSION := v3.22.0
 TOOLS  := $(CURDIR)/.tools
 export PATH := $(TOOLS)/bin:$(PATH)
 
-.PHONY: run test lint typecheck check-policies bench chart-check tools redis-server clean
+.PHONY: run test lint bench tools redis-server clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
