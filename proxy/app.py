@@ -16,10 +16,12 @@ import uvloop
 from aiohttp import web
 
 from proxy.cache.factory import build_cache
+from proxy.observe import OBSERVER, Observer
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
 from proxy.routing import compile_policy
 from proxy.runtime import RUNTIME, HookSession, Runtime, StageSet
+from proxy.status import metrics_endpoint, status_endpoint
 
 log = logging.getLogger("llm_sidecar")
 
@@ -48,10 +50,15 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     # Bodies are read (and limited) by intake itself, not by aiohttp.
     app = web.Application(client_max_size=loaded.policy.limits.max_body_bytes + 1)
     app[RUNTIME] = rt
+    rt.metrics.watch(rt)
+    observer = app[OBSERVER] = Observer(rt)
+    api = observer.wrap(handle_api)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_route("*", "/v1/{tail:.*}", handle_api)
-    app.router.add_route("*", "/v1", handle_api)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/status", status_endpoint)
+    app.router.add_route("*", "/v1/{tail:.*}", api)
+    app.router.add_route("*", "/v1", api)
     app.cleanup_ctx.append(_resources)
     return app
 

@@ -17,14 +17,20 @@ from proxy.relay import relay
 from proxy.reply import error_response, serve_answer, serve_from_stream
 from proxy.runtime import RUNTIME, Runtime
 from proxy.stream import Stream
+from proxy.trail import trail_of
 
 
 async def handle_api(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     snapshot = rt.snapshot  # one policy for the whole request, whatever reloads
     request_id = request_id_of(request)
+    trail = trail_of(request)
+    if trail is not None:
+        trail.request_id = request_id
     try:
         route = route_of(snapshot, request)
+        if trail is not None:
+            trail.route = route.index
         if not route.coalesces(request.method, request.path):
             return await relay(request, route, request_id, rt)
         raw = await read_body(request, snapshot.loaded.policy.limits.max_body_bytes)

@@ -104,7 +104,12 @@ async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: 
     body = upstream_body(outgoing.path, outgoing.body)
     session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, outgoing.path, intake.query)
-    response = await open_upstream(session, config, "POST", url, headers, orjson.dumps(body))
+    try:
+        response = await open_upstream(session, config, "POST", url, headers, orjson.dumps(body))
+    except ProxyError:
+        rt.metrics.upstream_call(route.index, None)
+        raise
+    rt.metrics.upstream_call(route.index, response.status)
     clean = False
     try:
         down = downstream_response_headers(response.headers)

@@ -7,14 +7,17 @@ Used for GET /v1/models, files, unknown endpoints and routes with
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, UpstreamBroken
+from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.intake import read_body
 from proxy.reply import SERVED_BY
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
+from proxy.trail import trail_of
 from proxy.upstream import open_upstream, read_chunks, upstream_url
 
 
@@ -40,7 +43,15 @@ async def relay(
         data = await read_body(request, limit)
     session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, request.path, request.query_string)
-    upstream = await open_upstream(session, config, request.method, url, headers, data)
+    try:
+        upstream = await open_upstream(session, config, request.method, url, headers, data)
+    except ProxyError:
+        rt.metrics.upstream_call(route.index, None)
+        raise
+    rt.metrics.upstream_call(route.index, upstream.status)
+    trail = trail_of(request)
+    if trail is not None:
+        trail.served, trail.upstream = "bypass", upstream.status
     clean = False
     try:
         out_headers = downstream_response_headers(upstream.headers)
@@ -51,6 +62,8 @@ async def relay(
         if upstream.content_length is not None and not is_sse:
             response.content_length = upstream.content_length
         await response.prepare(request)
+        if trail is not None:
+            trail.first_byte_at = time.perf_counter()
         try:
             async for chunk in read_chunks(upstream, config.idle_timeout):
                 await response.write(chunk)
@@ -65,6 +78,8 @@ async def relay(
         clean = True
         return response
     finally:
+        if trail is not None:
+            trail.bytes_out = upstream.content.total_bytes  # what was read is what was sent
         if clean:
             upstream.release()
         else:

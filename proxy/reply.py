@@ -23,6 +23,7 @@ from proxy.limiter import StageLimiter
 from proxy.runtime import Runtime
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream
+from proxy.trail import trail_of
 
 SERVED_BY = "x-llm-sidecar"
 _KEEPALIVE_FRAME = chunk_frame(COMMENT_KEEPALIVE)
@@ -73,7 +74,11 @@ class SSEOut:
         assert isinstance(writer, StreamWriter)
         # Our frames go straight to the transport, so the headers must go first.
         writer.send_headers()
-        return cls(response, writer, intake.wants_usage)
+        out = cls(response, writer, intake.wants_usage)
+        trail = trail_of(request)
+        if trail is not None:
+            trail.reader, trail.first_byte_at = out.reader, time.perf_counter()
+        return out
 
     async def catch_up(self, stream: Stream, high_water: int) -> None:
         """Write the log from this reader's cursor to its current end."""
@@ -144,6 +149,9 @@ async def serve_from_stream(
     stream is already flowing, while its backlog is replayed.
     """
     stream.readers += 1
+    trail = trail_of(request)
+    if trail is not None:
+        trail.stream, trail.served = stream, served
     policy = rt.snapshot.loaded.policy.stream
     out: SSEOut | None = None
     try:

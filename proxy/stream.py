@@ -12,6 +12,7 @@ producer or the others.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,6 +84,7 @@ class Stream:
     assembled: bytes | None = None  # the non-stream JSON, built once at the end
     pump: asyncio.Task[None] | None = None
     created_at: float = 0.0
+    first_event_at: float | None = None  # perf_counter at the first append, for TTFB
     _push: set[PushReader] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,8 @@ class Stream:
         self._finish()
 
     def append(self, event: LogEvent) -> None:
+        if self.first_event_at is None:
+            self.first_event_at = time.perf_counter()
         self.events.append(event)
         self.size += len(event.raw)
         if not self._push:
