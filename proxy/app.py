@@ -1,18 +1,16 @@
 """The aiohttp application: routes, resources and their lifetimes.
 
 `build_app` wires a `Runtime` onto a new app; resources open and close in
-`cleanup_ctx`, in reverse order. `serve` runs it on uvloop until a signal.
+`cleanup_ctx`, in reverse order. `serve` runs it (see `proxy.lifecycle` for
+signals, reload and drain).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import signal
 from collections.abc import AsyncIterator
 
-import uvloop
 from aiohttp import web
 
 from proxy.cache.factory import build_cache
@@ -22,8 +20,6 @@ from proxy.policy import LoadedPolicy
 from proxy.routing import compile_policy
 from proxy.runtime import RUNTIME, HookSession, Runtime, StageSet
 from proxy.status import metrics_endpoint, status_endpoint
-
-log = logging.getLogger("llm_sidecar")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -75,32 +71,26 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await rt.pool.close()
 
 
-async def start_site(
-    app: web.Application, host: str, port: int
-) -> tuple[web.AppRunner, web.TCPSite]:
+def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.AppRunner:
     # handler_cancellation: a caller that disconnects cancels its handler,
-    # which is how a reader leaves a stream while it waits.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # which is how a reader leaves a stream while it waits. The access log
+    # is the observer's, not aiohttp's.
+    return web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
+
+
+async def start_site(
+    app: web.Application, host: str, port: int, runner: web.AppRunner | None = None
+) -> tuple[web.AppRunner, web.TCPSite]:
+    runner = runner if runner is not None else make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()
     return runner, site
 
 
-async def _serve(loaded: LoadedPolicy, host: str, port: int) -> None:
-    app = build_app(loaded)
-    runner, _ = await start_site(app, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("serving on http://%s:%d policy=%s", host, port, loaded.version)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
 def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:
-    listen = loaded.policy.listen
-    uvloop.run(_serve(loaded, host or listen.host, port if port is not None else listen.port))
+    from proxy.lifecycle import serve as serve_with_lifecycle  # lifecycle imports this module
+
+    serve_with_lifecycle(loaded, host, port)

@@ -25,7 +25,7 @@ from proxy.assemble import (
     choices_finished,
 )
 from proxy.cache.base import CachedAnswer
-from proxy.errors import ProxyError, UpstreamBroken
+from proxy.errors import ProxyError, ShuttingDown, UpstreamBroken
 from proxy.headers import downstream_response_headers
 from proxy.intake import Intake
 from proxy.prepare import Outgoing, run_steps
@@ -75,7 +75,10 @@ async def pump(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict
     except ProxyError as exc:
         _fail(stream, exc)
     except asyncio.CancelledError:
-        _fail(stream, UpstreamBroken("llm-sidecar: the upstream call was cancelled"))
+        if rt.draining:  # cancelled at the drain deadline: tell readers why
+            _fail(stream, ShuttingDown("llm-sidecar: shutting down; the stream was cut"))
+        else:
+            _fail(stream, UpstreamBroken("llm-sidecar: the upstream call was cancelled"))
         raise
     except Exception as exc:
         log.exception("pump failed")
