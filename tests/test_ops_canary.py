@@ -1,0 +1,104 @@
+"""The secret canary: a caller's key and the upstream key never leak.
+
+A real proxy process at debug level serves a caller who sends a known
+secret in `Authorization`, with the upstream's own key (another known
+secret) injected from `api_key_env`. Across successes, cache hits, streams,
+relays, errors of every origin and reloads good and bad, neither secret
+appears in any log line, in `/metrics`, in `/status`, or in any response.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from proxy.fake_upstream import FakeUpstream
+from tests.proxy_process import policy_for, run_proxy, write_policy
+
+CALLER_SECRET = "sk-canary-caller-3f9a1c77e2d04b"
+UPSTREAM_SECRET = "sk-canary-upstream-8b2e6d10aa5c91"
+SECRETS = (CALLER_SECRET, UPSTREAM_SECRET, "3f9a1c77e2d04b", "8b2e6d10aa5c91")
+
+
+def canary_policy(fake: FakeUpstream, version: str) -> dict[str, Any]:
+    return policy_for(
+        fake,
+        {
+            "version": version,
+            "log": {"level": "debug"},
+            "upstreams": {"fake": {"api_key_env": "LLM_CANARY_UPSTREAM_KEY"}},
+            "routes": [
+                {
+                    "match": {"path": "/v1/chat/completions"},
+                    "upstream": "fake",
+                    "cache": {"ttl": "1h"},
+                },
+                {"match": {"path": "/v1/*"}, "upstream": "fake"},
+            ],
+        },
+    )
+
+
+def chat(prompt: str, stream: bool = False) -> dict[str, Any]:
+    return {"model": "m", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+
+
+async def test_no_secret_in_logs_metrics_status_or_bodies(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    fake.settings = replace(fake.settings, require_key=UPSTREAM_SECRET)
+    env = {"LLM_CANARY_UPSTREAM_KEY": UPSTREAM_SECRET, "LLM_SIDECAR_LOG_LEVEL": "debug"}
+    seen: list[str] = []
+    async with run_proxy(tmp_path, canary_policy(fake, "c1"), env) as px:
+        await px.wait_ready()
+        auth = {"Authorization": f"Bearer {CALLER_SECRET}", "api-key": CALLER_SECRET}
+
+        async def call(method: str, path: str, **kwargs: Any) -> int:
+            async with px.session.request(
+                method, f"{px.api}{path}", headers=auth, **kwargs
+            ) as response:
+                seen.append(str(response.headers))
+                seen.append(await response.text())
+                return response.status
+
+        statuses = [
+            await call("POST", "/chat/completions", json=chat("one")),  # lead
+            await call("POST", "/chat/completions", json=chat("one")),  # hit (once stored)
+            await call("POST", "/chat/completions", json=chat("two", stream=True)),
+            await call("GET", "/models"),  # relayed
+            await call("POST", "/chat/completions", data=b"{broken"),  # 400 from the proxy
+            await call("GET", "/no/such/thing"),  # 404 from the upstream
+        ]
+        fake.settings = replace(fake.settings, error_status=500)
+        statuses.append(await call("POST", "/chat/completions", json=chat("three")))
+        fake.settings = replace(fake.settings, error_status=None, require_key="another-key")
+        statuses.append(await call("POST", "/chat/completions", json=chat("four")))  # 401
+        assert statuses[:4] == [200, 200, 200, 200]
+        assert statuses[4:] == [400, 404, 500, 401]
+        # The key did go upstream, only upstream.
+        assert fake.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+
+        write_policy(px.policy_path, "upstreams: {fake: {api_key_env: [1]}}\n")
+        px.signal(signal.SIGHUP)
+        await px.until_metrics(
+            lambda m: any(k[0] == "llm_sidecar_reloads_total" and v == 1 for k, v in m.items())
+        )
+        write_policy(px.policy_path, canary_policy(fake, "c2"))
+        px.signal(signal.SIGHUP)
+        await px.until_status(lambda s: s["policy"]["version"] == "c2")
+
+        seen.append((await px.get("/metrics"))[1].decode())
+        seen.append((await px.get("/status"))[1].decode())
+        px.signal(signal.SIGTERM)
+        assert await px.wait_exit() == 0
+
+    lines = px.log_lines()  # every line is JSON, at every level
+    assert {line["level"] for line in lines} >= {"info", "error"}
+    assert len([line for line in lines if line["logger"] == "llm_sidecar.access"]) == 8
+    assert px.events("reload failed") and px.events("reload ok")
+    seen.append(px.log_text())
+    for text in seen:
+        for secret in SECRETS:
+            assert secret not in text
