@@ -102,3 +102,22 @@ async def test_a_stream_past_the_drain_deadline_ends_with_an_error_event(
         [end] = px.events("drain end")
         assert end["drained"] is False
         assert end["cancelled_streams"] == 1
+
+
+async def test_a_second_sigterm_skips_the_wait(fake: FakeUpstream, tmp_path: Path) -> None:
+    fake.hold_after = 1
+    async with run_proxy(tmp_path, policy_for(fake, shutdown("30s", "30s"))) as px:
+        await px.wait_ready()
+        stream = asyncio.create_task(read_stream(px.session, px.api, "impatient"))
+        await px.until_status(lambda s: len(s["streams"]) == 1)
+        px.signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            while (await px.get("/readyz"))[0] != 503:
+                await asyncio.sleep(0.01)
+        px.signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            events = await stream
+        assert await px.wait_exit(timeout=10) == 0
+        assert b"proxy_shutting_down" in events[-1]
+        [end] = px.events("drain end")
+        assert (end["drained"], end["cancelled_streams"]) == (False, 1)
