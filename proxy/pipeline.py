@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.errors import ProxyError
 from proxy.headers import upstream_request_headers
 from proxy.intake import Intake, coalescible_intake, read_body, request_id_of, route_of
+from proxy.policy import StreamSettings
 from proxy.pump import pump
 from proxy.relay import relay
 from proxy.reply import error_response, serve_answer, serve_from_stream
@@ -31,16 +32,19 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         route = route_of(snapshot, request)
         if trail is not None:
             trail.route = route.index
+        policy = snapshot.loaded.policy
         if not route.coalesces(request.method, request.path):
-            return await relay(request, route, request_id, rt)
-        raw = await read_body(request, snapshot.loaded.policy.limits.max_body_bytes)
+            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
+        raw = await read_body(request, policy.limits.max_body_bytes)
         intake = coalescible_intake(request, route, raw, request_id)
-        return await coalesce(request, intake, rt)
+        return await coalesce(request, intake, rt, policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)
 
 
-async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.StreamResponse:
+async def coalesce(
+    request: web.Request, intake: Intake, rt: Runtime, settings: StreamSettings
+) -> web.StreamResponse:
     assert intake.key is not None
     if intake.cache_read:
         answer = await rt.cache.lookup(intake.key)
@@ -50,12 +54,7 @@ async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.Str
     existing = rt.table.get(intake.key)
     if existing is not None and existing.joinable:
         return await serve_from_stream(request, intake, existing, rt, "follow", rt.stages.follower)
-    stream_policy = rt.snapshot.loaded.policy.stream
-    stream = Stream(
-        intake.key,
-        max_log_bytes=stream_policy.max_log_bytes,
-        high_water=stream_policy.write_high_water,
-    )
+    stream = Stream(intake.key, settings)
     stream.cancel_on_abandon = intake.route.config.on_abandon == "cancel"
     if existing is None:
         rt.table.publish(stream)

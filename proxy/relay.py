@@ -26,10 +26,10 @@ async def relay(
     route: CompiledRoute,
     request_id: str,
     rt: Runtime,
+    limit: int,
     body: bytes | None = None,
 ) -> web.StreamResponse:
     config = route.upstream
-    limit = rt.snapshot.loaded.policy.limits.max_body_bytes
     headers = upstream_request_headers(
         request.headers, request_id, drop_credentials=route.upstream_key is not None
     )

@@ -80,7 +80,7 @@ class SSEOut:
             trail.reader, trail.first_byte_at = out.reader, time.perf_counter()
         return out
 
-    async def catch_up(self, stream: Stream, high_water: int) -> None:
+    async def catch_up(self, stream: Stream) -> None:
         """Write the log from this reader's cursor to its current end."""
         reader = self.reader
         transport = reader.transport
@@ -93,14 +93,15 @@ class SSEOut:
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
             transport.write(event.frame)
-            if transport.get_write_buffer_size() > high_water:
+            if transport.get_write_buffer_size() > stream.settings.write_high_water:
                 await self.writer.drain()
 
-    async def follow(self, stream: Stream, high_water: int, keepalive: float) -> None:
+    async def follow(self, stream: Stream) -> None:
+        keepalive = stream.settings.keepalive_interval
         loop = asyncio.get_running_loop()
         reader = self.reader
         while True:
-            await self.catch_up(stream, high_water)
+            await self.catch_up(stream)
             if stream.state == "done":
                 return
             reader.wake = loop.create_future()
@@ -152,7 +153,6 @@ async def serve_from_stream(
     trail = trail_of(request)
     if trail is not None:
         trail.stream, trail.served = stream, served
-    policy = rt.snapshot.loaded.policy.stream
     out: SSEOut | None = None
     try:
         if setup_slot is not None:
@@ -161,7 +161,7 @@ async def serve_from_stream(
                     head = stream.head.result()
                     if head.is_sse and head.status < 300:
                         out = await SSEOut.start(request, head, intake, served)
-                        await out.catch_up(stream, policy.write_high_water)
+                        await out.catch_up(stream)
         head = await stream.head
         if head.status >= 300 or not head.is_sse:
             if head.status < 300:
@@ -174,7 +174,7 @@ async def serve_from_stream(
         if intake.wants_stream:
             if out is None:
                 out = await SSEOut.start(request, head, intake, served)
-            await out.follow(stream, policy.write_high_water, policy.keepalive_interval)
+            await out.follow(stream)
             await out.response.write_eof()
             return out.response
         await stream.finished

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyError
+from proxy.policy import StreamSettings
 from proxy.sse import chunk_frame
 
 
@@ -70,8 +71,7 @@ class Stream:
     """One in-flight upstream response for one key. Owned by its pump task."""
 
     key: str
-    max_log_bytes: int
-    high_water: int
+    settings: StreamSettings
     head: asyncio.Future[Head] = field(init=False)
     finished: asyncio.Future[None] = field(init=False)
     events: list[LogEvent] = field(default_factory=list)
@@ -130,7 +130,7 @@ class Stream:
                 continue
             transport.write(frame)
             reader.cursor += 1
-            if transport.get_write_buffer_size() > self.high_water:
+            if transport.get_write_buffer_size() > self.settings.write_high_water:
                 self._push.discard(reader)
                 reader.notify()
 
@@ -152,7 +152,7 @@ class Stream:
     @property
     def joinable(self) -> bool:
         """Whether a new follower may attach (the log is still under its cap)."""
-        return self.state != "done" and self.size <= self.max_log_bytes
+        return self.state != "done" and self.size <= self.settings.max_log_bytes
 
     def subscribe(self, reader: PushReader) -> bool:
         """Join the push set if `reader` has caught up; False means catch up first."""
