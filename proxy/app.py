@@ -66,6 +66,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     for task in pumps:
         task.cancel("llm-sidecar is stopping")
     await asyncio.gather(*pumps, return_exceptions=True)
+    await asyncio.gather(*rt.retiring, return_exceptions=True)
     await rt.cache.close()
     await rt.hooks.close()
     await rt.pool.close()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy import logs
+from proxy.cache.factory import build_cache
 from proxy.policy import LoadedPolicy, PolicyError, parse_policy
 from proxy.routing import compile_policy
 from proxy.runtime import Runtime
@@ -68,17 +69,25 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     snapshot = compile_policy(loaded, rt.hooks)
     old = rt.snapshot.loaded.policy
     new = loaded.policy
+    cache = None
+    if (old.cache, old.stages.cache) != (new.cache, new.stages.cache):
+        # Built (and so validated) before the swap; it connects lazily.
+        cache = build_cache(new, os.environ, source=loaded.source)
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
-    for section in ("listen", "cache"):
-        if getattr(old, section) != getattr(new, section):
-            logs.event(
-                "reload kept old settings",
-                logging.WARNING,
-                section=section,
-                reason="takes effect on restart",
-            )
+    if cache is not None:
+        # Lookups already in the old lane end as misses; its pending writes
+        # get their grace while it closes in the background.
+        rt.retire_cache(rt.cache)
+        rt.cache = cache
+    if old.listen != new.listen:
+        logs.event(
+            "reload kept old settings",
+            logging.WARNING,
+            section="listen",
+            reason="takes effect on restart",
+        )
 
 
 class Reloader:

@@ -97,6 +97,8 @@ class Runtime:
     # Pump tasks belong to their streams; the runtime keeps them so that
     # shutdown can wait for or cancel every one.
     pumps: set[asyncio.Task[None]] = field(default_factory=set)
+    # Caches replaced by a reload, still closing; awaited at shutdown.
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
     recorder: StageRecorder | None = None
     # This app's own registry: tests and apps in one process never share one.
@@ -106,6 +108,12 @@ class Runtime:
         self.recorder = StageRecorder()
         self.stages.observe(self.recorder)
         return self.recorder
+
+    def retire_cache(self, old: Cache) -> None:
+        """Close a cache replaced by a reload, off the request path."""
+        task = asyncio.create_task(old.close())
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
 
     def spawn_pump(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)

@@ -203,3 +203,35 @@ async def test_the_watch_follows_a_configmap_swap(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_reload_swaps_the_cache_when_its_settings_change(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    from proxy.policy import parse_policy
+    from proxy.reload import apply_policy
+    from tests.conftest import base_policy, merge, post
+
+    route = {"match": {"path": "/v1/*"}, "upstream": "fake", "cache": {"ttl": "1h"}}
+    policy = merge(base_policy(f"http://127.0.0.1:{fake.port}/v1"), {"routes": [route]})
+    proxy = await start_proxy(policy, raw=True)
+    rt = proxy.runtime
+    body = {"model": "m", "messages": [{"role": "user", "content": "swap"}]}
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        await post(session, url, body)
+        await rt.cache.flush()  # type: ignore[attr-defined]
+        assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
+        old = rt.cache
+        same = parse_policy(yaml.safe_dump(policy), "same.yaml")
+        apply_policy(rt, same)
+        assert rt.cache is old  # nothing changed: the warm cache stays
+        changed = merge(policy, {"cache": {"max_bytes": "1MiB"}})
+        apply_policy(rt, parse_policy(yaml.safe_dump(changed), "changed.yaml"))
+        assert rt.cache is not old
+        await until(lambda: not rt.retiring)
+        # The new, empty cache misses once, then serves hits again.
+        assert (await post(session, url, body))[1]["x-llm-sidecar"] == "lead"
+        await rt.cache.flush()  # type: ignore[attr-defined]
+        assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
+    assert old.stats().in_lane == 0  # type: ignore[attr-defined]
