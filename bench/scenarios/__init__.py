@@ -1,0 +1,14 @@
+"""The scenarios, in the order a full run takes them; each returns one report section."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from bench.common import Context, Section
+from bench.scenarios import overhead
+
+Scenario = Callable[[Context], Awaitable[Section]]
+
+SCENARIOS: dict[str, Scenario] = {
+    "overhead": overhead.run,
+}
