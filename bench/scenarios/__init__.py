@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.common import Context, Section
-from bench.scenarios import overhead
+from bench.scenarios import cache, coalescing, fanout, overhead, stages, streaming
 
 Scenario = Callable[[Context], Awaitable[Section]]
 
 SCENARIOS: dict[str, Scenario] = {
     "overhead": overhead.run,
+    "streaming": streaming.run,
+    "cache": cache.run,
+    "fanout": fanout.run,
+    "coalescing": coalescing.run,
+    "stages": stages.run,
 }

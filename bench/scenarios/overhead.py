@@ -89,7 +89,9 @@ async def start_hops(ctx: Context, lab: Lab, notes: list[str]) -> tuple[Server, 
     hops["nginx"] = await lab.nginx(fake)
     hops["bare relay"] = await lab.bare_relay(fake)
     hops["llm-sidecar"] = await lab.sidecar(sidecar_policy(fake.port))
-    if LITELLM.exists():
+    if ctx.quick:
+        notes.append("LiteLLM (scenario 7) is left out of quick runs; a full run includes it.")
+    elif LITELLM.exists():
         try:
             hops["LiteLLM"] = await lab.litellm(fake)
         except RuntimeError as exc:

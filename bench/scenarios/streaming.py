@@ -1,0 +1,151 @@
+"""Scenario 2: streaming overhead for a 200-event SSE stream.
+
+The asyncio client reads one stream at a time (concurrency 1) through each
+hop, every stream a new prompt. Two paces: "paced" (the fake waits 2 ms
+between events, like a fast model) and "unpaced" (the fake writes the 200
+events back to back, so the time from first to last event is the hop's
+per-event cost). Time to first event (TTFE) is from sending the request to
+the first complete `data:` event; the inter-event time is (last - first) /
+199 per stream; the p99 gap is over every gap of every stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import plots
+from bench.common import Context, Section, median, num, percentile
+from bench.procs import Server
+from bench.servers import sidecar_policy
+from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream, session
+
+EVENTS = 200  # role chunk + 197 tokens + finish chunk + [DONE]
+TOKENS = EVENTS - 3
+PACES = {"paced 2 ms": 0.002, "unpaced": 0.0}
+
+
+@dataclass
+class Cell:
+    timings: list[StreamTiming]
+
+    @property
+    def ok(self) -> list[StreamTiming]:
+        return [t for t in self.timings if t.ok and t.events == EVENTS]
+
+    def ttfe(self, q: float = 50) -> float:
+        return percentile([t.ttfe for t in self.ok], q)
+
+    @property
+    def per_event(self) -> float:
+        return median([(t.last_at - t.first_at) / (t.events - 1) for t in self.ok])
+
+    @property
+    def gap_p99(self) -> float:
+        gaps = [b - a for t in self.ok for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
+        return percentile(gaps, 99)
+
+    @property
+    def failed(self) -> int:
+        return len(self.timings) - len(self.ok)
+
+
+async def run(ctx: Context) -> Section:
+    streams = ctx.pick(15, 4)
+    section = Section(
+        key="streaming",
+        title="2. Streaming overhead (200-event stream, one reader at a time)",
+        method=__doc__.split("\n\n", 1)[1].replace("\n", " ").strip()
+        + f" {streams} streams per hop and pace, rounds interleaved; medians shown.",
+        columns=[
+            "pace",
+            "hop",
+            "TTFE p50 ms",
+            "added TTFE ms",
+            "inter-event ms",
+            "added per event µs",
+            "gap p99 ms",
+            "failed",
+        ],
+    )
+    cells: dict[tuple[str, str], Cell] = {}
+    async with ctx.lab() as lab:
+        fake = await lab.fake()
+        hops: dict[str, Server] = {
+            "direct": fake,
+            "nginx": await lab.nginx(fake),
+            "bare relay": await lab.bare_relay(fake),
+            "llm-sidecar": await lab.sidecar(sidecar_policy(fake.port)),
+        }
+        async with session() as client:
+            for name, server in hops.items():  # one throwaway stream each: pools, imports
+                await read_stream(
+                    client,
+                    f"{server.url}/v1/chat/completions",
+                    chat_body(f"warm {ctx.nonce} {name}", stream=True),
+                    fake_headers(TOKENS),
+                )
+            for index in range(streams):
+                for pace, delay in PACES.items():
+                    for name, server in hops.items():
+                        timing = await read_stream(
+                            client,
+                            f"{server.url}/v1/chat/completions",
+                            chat_body(f"stream {ctx.nonce} {name} {pace} {index}", stream=True),
+                            fake_headers(TOKENS, delay),
+                            keep_arrivals=True,
+                        )
+                        cells.setdefault((pace, name), Cell([])).timings.append(timing)
+    for pace in PACES:
+        direct = cells[(pace, "direct")]
+        for name in hops:
+            cell = cells[(pace, name)]
+            section.rows.append(
+                [
+                    pace,
+                    name,
+                    num(cell.ttfe() * 1000, 3),
+                    "—" if name == "direct" else num((cell.ttfe() - direct.ttfe()) * 1000, 3),
+                    num(cell.per_event * 1000, 4),
+                    "—" if name == "direct" else num((cell.per_event - direct.per_event) * 1e6, 1),
+                    num(cell.gap_p99 * 1000, 3),
+                    str(cell.failed),
+                ]
+            )
+            section.raw[f"{pace}/{name}"] = {
+                "ttfe_p50": cell.ttfe(),
+                "per_event": cell.per_event,
+                "gap_p99": cell.gap_p99,
+                "errors": sorted({t.error for t in cell.timings if t.error}),
+            }
+            errors = sorted({f"{t.status} {t.error}".strip() for t in cell.timings if not t.ok})
+            if errors:
+                section.notes.append(f"{pace}, {name}: failures: {'; '.join(errors)[:300]}")
+    paced, unpaced = "paced 2 ms", "unpaced"
+
+    def added(pace: str, name: str, what: str) -> float:
+        cell, base = cells[(pace, name)], cells[(pace, "direct")]
+        if what == "ttfe":
+            return (cell.ttfe() - base.ttfe()) * 1000
+        return (cell.per_event - base.per_event) * 1e6
+
+    section.headline.append(
+        "Streaming (200 events, c=1): added TTFE "
+        f"bare relay {added(paced, 'bare relay', 'ttfe'):.3f} ms, "
+        f"llm-sidecar {added(paced, 'llm-sidecar', 'ttfe'):.3f} ms; added cost per event "
+        f"(unpaced) bare relay {added(unpaced, 'bare relay', 'event'):.1f} µs, "
+        f"llm-sidecar {added(unpaced, 'llm-sidecar', 'event'):.1f} µs."
+    )
+    names = [n for n in hops if n != "direct"]
+    section.plots.append(
+        plots.bars(
+            ctx.out_dir / "streaming_overhead.png",
+            "Scenario 2: added time to first event (ms, paced) and per event (µs, unpaced)",
+            names,
+            {
+                "added TTFE, ms": [added(paced, n, "ttfe") for n in names],
+                "added per event, µs": [added(unpaced, n, "event") for n in names],
+            },
+            "ms / µs over direct",
+        )
+    )
+    return section
