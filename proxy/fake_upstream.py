@@ -2,11 +2,9 @@
 
 It speaks the OpenAI wire format closely enough for the official SDK to parse
 every answer (chat and text completions, stream and not; embeddings; models;
-the Responses API) and its answers are deterministic: the content is a
-function of the prompt, so identical requests get identical answers and the
-same request streamed or not gets the same content, tool calls, logprobs and
-usage. Every answer is planned once and then either framed as SSE or folded
-into one JSON object, which is what keeps the two shapes equal.
+the Responses API). What it answers lives in `proxy.fake_answers`, pure and
+deterministic; this module owns the server around it: timing, holding and
+faults, the request record, the control endpoints and the command line.
 
 Tests drive it in-process (`settings`, `hold_after`/`release`, `calls`);
 an out-of-process fake is driven by `x-fake-*` request headers and the
@@ -15,23 +13,10 @@ an out-of-process fake is driven by `x-fake-*` request headers and the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import base64
 import collections
-import hashlib
 import itertools
-import json
-import multiprocessing
-import multiprocessing.queues
-import queue
-import random
 import secrets
-import signal
-import socket
-import struct
-import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -40,54 +25,31 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.fake_answers import (
+    DONE,
+    JSON,
+    MODELS,
+    FakeSettings,
+    Reject,
+    canonical,
+    chat_chunks,
+    chat_object,
+    completion_chunks,
+    completion_object,
+    embeddings_object,
+    model_object,
+    plan_chat,
+    plan_completion,
+    plan_response,
+    response_events,
+    response_object,
+    sse,
+    sse_typed,
+    usage_requested,
+)
+
 __all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest", "main"]
 
-JSON = dict[str, Any]
-
-MODELS = ("fake-model", "gpt-4o-mini", "text-embedding-3-small")
-_CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Turin")
-_ARGUMENT_PIECE = 6  # characters per streamed tool-call argument fragment
-_MAX_N = 128
-
-
-@dataclass(frozen=True, slots=True)
-class FakeSettings:
-    tokens: int = 8  # content tokens per choice
-    token_delay: float = 0.0  # seconds between two stream events
-    ttft: float = 0.0  # seconds after response headers before the first event
-    header_delay: float = 0.0  # seconds before sending response headers at all
-    error_status: int | None = None  # answer every coalescible POST with this status
-    drop_after: int | None = None  # stream: abort the connection after N events
-    require_key: str | None = None  # when set, 401 unless `Authorization: Bearer <key>`
-    embedding_dims: int = 8
-
-    def __post_init__(self) -> None:
-        for field in fields(self):
-            name, value, kind = field.name, getattr(self, field.name), _FIELD_KINDS[field.name]
-            if value is None and name in _OPTIONAL_FIELDS:
-                continue
-            # bool is an int to isinstance, never a valid setting here.
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise ValueError(f"{name}: {value!r} is not a valid value")
-            if isinstance(value, int | float) and value < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.error_status is not None and not 400 <= self.error_status <= 599:
-            raise ValueError("error_status must be between 400 and 599")
-        if self.embedding_dims < 1:
-            raise ValueError("embedding_dims must be at least 1")
-
-
-_FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
-    "tokens": int,
-    "token_delay": (int, float),
-    "ttft": (int, float),
-    "header_delay": (int, float),
-    "error_status": int,
-    "drop_after": int,
-    "require_key": str,
-    "embedding_dims": int,
-}
-_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key"})
 # Per-request overrides, so an out-of-process fake can be driven by its caller.
 _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
     "x-fake-tokens": ("tokens", int),
@@ -107,369 +69,11 @@ class RecordedRequest:
     body: bytes
 
 
-class _Reject(Exception):
-    """An answer decided before any work: mapped to a response in one place."""
-
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-
-
-def canonical(body: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-
-
 def _canonical_raw(raw: bytes) -> bytes:
     try:
         return canonical(orjson.loads(raw))
     except (orjson.JSONDecodeError, TypeError):
         return raw  # not a JSON object: counted by its exact bytes
-
-
-# -- the pure core: plans and their two framings ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Choice:
-    index: int
-    pieces: tuple[str, ...]  # content tokens, or tool-call argument fragments
-    logprobs: tuple[float, ...] | None  # one per content token when asked for
-    finish: str
-    tool: tuple[str, str] | None = None  # (call id, function name) for a tool-call answer
-
-
-def _rng(seed: bytes, index: int) -> random.Random:
-    # Random seeded with bytes is stable across processes and runs, unlike hash().
-    return random.Random(seed + index.to_bytes(4, "big"))
-
-
-def _seed(*parts: Any) -> bytes:
-    return hashlib.blake2b(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).digest()
-
-
-def _words(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, list):
-        return sum(_words(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_words(item) for item in value.values())
-    return 1 if isinstance(value, int) else 0  # token arrays count one per token
-
-
-def _int_param(body: JSON, *names: str, default: int | None = None, low: int = 0) -> int | None:
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _Reject(400, f"'{name}' must be an integer >= {low}", "invalid_value")
-        return value
-    return default
-
-
-def _n(body: JSON) -> int:
-    n = _int_param(body, "n", default=1, low=1)
-    assert n is not None
-    if n > _MAX_N:
-        raise _Reject(400, f"'n' must be at most {_MAX_N}", "invalid_value")
-    return n
-
-
-def _text_plan(seed: bytes, index: int, settings: FakeSettings, limit: int | None) -> _Choice:
-    count = settings.tokens if limit is None else min(settings.tokens, limit)
-    rng = _rng(seed, index)
-    pieces = tuple(f"tok{rng.randrange(1000)} " for _ in range(count))
-    logprobs = tuple(-round(rng.random() * 2, 4) for _ in range(count))
-    finish = "length" if limit is not None and limit < settings.tokens else "stop"
-    return _Choice(index, pieces, logprobs, finish)
-
-
-def _tool_to_call(body: JSON) -> tuple[str, str] | None:
-    """(function name, argument name) when the answer must be a tool call."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if not isinstance(tools, list) or choice == "none":
-        return None
-    functions = [
-        t["function"]
-        for t in tools
-        if isinstance(t, dict) and isinstance(t.get("function"), dict)
-        if isinstance(t["function"].get("name"), str)
-    ]
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        named = [f for f in functions if f["name"] == choice["function"].get("name")]
-        functions = named or functions
-    if not functions:
-        return None
-    function = functions[0]
-    parameters = function.get("parameters")
-    properties = parameters.get("properties") if isinstance(parameters, dict) else None
-    argument = next(iter(properties), "location") if isinstance(properties, dict) else "location"
-    return function["name"], str(argument)
-
-
-def _plan_chat(body: JSON, settings: FakeSettings) -> tuple[list[_Choice], JSON]:
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise _Reject(400, "'messages' must be an array", "invalid_value")
-    n = _n(body)
-    limit = _int_param(body, "max_completion_tokens", "max_tokens")
-    seed = _seed(messages)
-    tool = _tool_to_call(body)
-    choices: list[_Choice] = []
-    for index in range(n):
-        if tool is None:
-            plan = _text_plan(seed, index, settings, limit)
-            if body.get("logprobs") is not True:
-                plan = replace(plan, logprobs=None)
-            choices.append(plan)
-            continue
-        name, argument = tool
-        value = _CITIES[_rng(seed, index).randrange(len(_CITIES))]
-        arguments = json.dumps({argument: value})  # OpenAI's own spacing: {"location": "Paris"}
-        pieces = tuple(
-            arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)
-        )
-        call_id = "call_" + hashlib.blake2b(seed + bytes([index % 256]), digest_size=12).hexdigest()
-        choices.append(_Choice(index, pieces, None, "tool_calls", (call_id, name)))
-    return choices, _usage(_words(messages), choices)
-
-
-def _usage(prompt: int, choices: list[_Choice]) -> JSON:
-    completion = sum(len(c.pieces) for c in choices)
-    prompt = max(prompt, 1)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _interleave(per_choice: list[list[JSON]]) -> list[JSON]:
-    # Round robin, like OpenAI: every chunk carries one choice.
-    return [
-        part for step in itertools.zip_longest(*per_choice) for part in step if part is not None
-    ]
-
-
-def _token_logprobs(token: str, logprob: float) -> JSON:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
-
-
-def _chat_chunks(
-    meta: JSON, choices: list[_Choice], usage: JSON, include_usage: bool
-) -> list[JSON]:
-    head = {"id": meta["id"], "object": "chat.completion.chunk", **meta}
-    per_choice: list[list[JSON]] = []
-    for c in choices:
-        # A tool-call answer has no content at all, so its message content is null.
-        role = {"role": "assistant", "content": None if c.tool else "", "refusal": None}
-        parts = [_chat_part(c.index, role)]
-        if c.tool is not None:
-            call_id, name = c.tool
-            opening = {"index": 0, "id": call_id, "type": "function"}
-            function = {"name": name, "arguments": ""}
-            parts.append(_chat_part(c.index, {"tool_calls": [{**opening, "function": function}]}))
-        for i, piece in enumerate(c.pieces):
-            delta: JSON = (
-                {"content": piece}
-                if c.tool is None
-                else {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
-            )
-            part = _chat_part(c.index, delta)
-            if c.logprobs is not None:
-                entry = _token_logprobs(piece, c.logprobs[i])
-                part["logprobs"] = {"content": [entry], "refusal": None}
-            parts.append(part)
-        parts.append({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish})
-        per_choice.append(parts)
-    tail = {"usage": None} if include_usage else {}
-    chunks = [{**head, "choices": [part], **tail} for part in _interleave(per_choice)]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": usage})
-    return chunks
-
-
-def _chat_part(index: int, delta: JSON) -> JSON:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-
-def _chat_object(meta: JSON, choices: list[_Choice], usage: JSON) -> JSON:
-    out: list[JSON] = []
-    for c in choices:
-        message: JSON = {"role": "assistant", "content": None, "refusal": None}
-        if c.tool is None:
-            message["content"] = "".join(c.pieces)
-        else:
-            call_id, name = c.tool
-            function = {"name": name, "arguments": "".join(c.pieces)}
-            message["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
-        logprobs = None
-        if c.logprobs is not None:
-            content = [_token_logprobs(p, lp) for p, lp in zip(c.pieces, c.logprobs, strict=True)]
-            logprobs = {"content": content, "refusal": None}
-        out.append(
-            {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish}
-        )
-    return {"id": meta["id"], "object": "chat.completion", **meta, "choices": out, "usage": usage}
-
-
-def _plan_completion(body: JSON, settings: FakeSettings) -> tuple[list[_Choice], JSON]:
-    prompt = body.get("prompt", "")
-    # A string, a token array, or a list of either: one group of n choices per prompt.
-    prompts: list[Any]
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-    ):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        prompts = prompt
-    else:
-        raise _Reject(400, "'prompt' must be a string or an array", "invalid_value")
-    n = _n(body)
-    limit = _int_param(body, "max_tokens")
-    choices = [
-        replace(_text_plan(_seed(p), j, settings, limit), index=i * n + j, logprobs=None)
-        for i, p in enumerate(prompts)
-        for j in range(n)
-    ]
-    return choices, _usage(_words(prompts), choices)
-
-
-def _completion_chunks(
-    meta: JSON, choices: list[_Choice], usage: JSON, include_usage: bool
-) -> list[JSON]:
-    head = {"id": meta["id"], "object": "text_completion", **meta}
-    per_choice = [
-        [{"text": p, "index": c.index, "logprobs": None, "finish_reason": None} for p in c.pieces]
-        + [{"text": "", "index": c.index, "logprobs": None, "finish_reason": c.finish}]
-        for c in choices
-    ]
-    tail = {"usage": None} if include_usage else {}
-    chunks = [{**head, "choices": [part], **tail} for part in _interleave(per_choice)]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": usage})
-    return chunks
-
-
-def _completion_object(meta: JSON, choices: list[_Choice], usage: JSON) -> JSON:
-    out = [
-        {"text": "".join(c.pieces), "index": c.index, "logprobs": None, "finish_reason": c.finish}
-        for c in choices
-    ]
-    return {"id": meta["id"], "object": "text_completion", **meta, "choices": out, "usage": usage}
-
-
-def _embeddings_object(body: JSON, settings: FakeSettings) -> JSON:
-    raw = body.get("input")
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
-        inputs: list[Any] = [raw]
-    elif isinstance(raw, list) and raw:
-        inputs = raw
-    else:
-        raise _Reject(400, "'input' must be a string or a non-empty array", "invalid_value")
-    dims = _int_param(body, "dimensions", default=settings.embedding_dims, low=1)
-    assert dims is not None
-    as_base64 = body.get("encoding_format") == "base64"
-    data: list[JSON] = []
-    for index, item in enumerate(inputs):
-        rng = _rng(_seed(item), 0)
-        raw_vector = [rng.uniform(-1.0, 1.0) for _ in range(dims)]
-        norm = sum(v * v for v in raw_vector) ** 0.5 or 1.0
-        # Packed as float32 either way, so both encodings carry the same values.
-        packed = struct.pack(f"<{dims}f", *(v / norm for v in raw_vector))
-        vector: Any = (
-            base64.b64encode(packed).decode()
-            if as_base64
-            else list(struct.unpack(f"<{dims}f", packed))
-        )
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    tokens = max(_words(inputs), 1)
-    return {
-        "object": "list",
-        "data": data,
-        "model": body.get("model") or MODELS[2],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
-
-
-def _plan_response(body: JSON, settings: FakeSettings) -> tuple[_Choice, JSON]:
-    given = body.get("input")
-    if not isinstance(given, str | list):
-        raise _Reject(400, "'input' must be a string or an array", "invalid_value")
-    limit = _int_param(body, "max_output_tokens")
-    plan = _text_plan(_seed(given, body.get("instructions")), 0, settings, limit)
-    words = max(_words(given) + _words(body.get("instructions")), 1)
-    usage = {
-        "input_tokens": words,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": len(plan.pieces),
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": words + len(plan.pieces),
-    }
-    return plan, usage
-
-
-def _response_events(meta: JSON, item_id: str, plan: _Choice, usage: JSON) -> list[JSON]:
-    """The Responses API stream; the last event carries the whole response object."""
-    text = "".join(plan.pieces)
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    item = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant"}
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    events: list[JSON] = [
-        {"type": "response.created", "response": _response(meta, "in_progress", [], None)},
-        {"type": "response.in_progress", "response": _response(meta, "in_progress", [], None)},
-        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
-        {"type": "response.content_part.added", **where, "part": part},
-    ]
-    events += [
-        {"type": "response.output_text.delta", **where, "delta": p, "logprobs": []}
-        for p in plan.pieces
-    ]
-    final = _response_object(meta, item_id, plan, usage)
-    done_part = {**part, "text": text}
-    events += [
-        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **where, "part": done_part},
-        {"type": "response.output_item.done", "output_index": 0, "item": final["output"][0]},
-        {"type": f"response.{final['status']}", "response": final},
-    ]
-    return [{**event, "sequence_number": seq} for seq, event in enumerate(events)]
-
-
-def _response_object(meta: JSON, item_id: str, plan: _Choice, usage: JSON) -> JSON:
-    status = "completed" if plan.finish == "stop" else "incomplete"
-    part = {"type": "output_text", "text": "".join(plan.pieces), "annotations": [], "logprobs": []}
-    item = {"id": item_id, "type": "message", "status": status, "role": "assistant"}
-    return _response(meta, status, [{**item, "content": [part]}], usage)
-
-
-def _response(meta: JSON, status: str, output: list[JSON], usage: JSON | None) -> JSON:
-    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {
-        **meta,
-        "object": "response",
-        "status": status,
-        "error": None,
-        "incomplete_details": incomplete,
-        "output": output,
-        "usage": usage,
-    }
-
-
-def _sse(payload: JSON) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def _sse_typed(payload: JSON) -> bytes:
-    kind: str = payload["type"]
-    return b"event: " + kind.encode() + b"\n" + _sse(payload)
-
-
-_DONE = b"data: [DONE]\n\n"
 
 
 def _error_response(status: int, message: str, code: str | None = None) -> web.Response:
@@ -625,7 +229,7 @@ class FakeUpstream:
         self.in_flight += 1
         try:
             return await self._answer(request, raw, post)
-        except _Reject as exc:
+        except Reject as exc:
             return _error_response(exc.status, exc.message, exc.code)
         except asyncio.CancelledError:
             self.disconnects += 1
@@ -640,7 +244,7 @@ class FakeUpstream:
         key = settings.require_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             # Never echo the presented key back.
-            raise _Reject(401, "Incorrect API key provided.", "invalid_api_key")
+            raise Reject(401, "Incorrect API key provided.", "invalid_api_key")
         if settings.header_delay > 0:
             await asyncio.sleep(settings.header_delay)
         if post is None:
@@ -648,9 +252,9 @@ class FakeUpstream:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise _Reject(400, "We could not parse the JSON body of your request.") from exc
+            raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
-            raise _Reject(400, "The request body must be a JSON object.")
+            raise Reject(400, "The request body must be a JSON object.")
         if settings.error_status is not None:
             await self._hold_whole()
             status = settings.error_status
@@ -659,12 +263,12 @@ class FakeUpstream:
 
     def _get(self, request: web.Request) -> web.Response:
         if request.method == "GET" and request.path == "/v1/models":
-            data = [_model(name) for name in MODELS]
+            data = [model_object(name) for name in MODELS]
             return _json(request, {"object": "list", "data": data})
         if request.method == "GET" and request.path.startswith("/v1/models/"):
             # Any model exists: the fake answers for whatever model it is asked.
-            return _json(request, _model(request.path.removeprefix("/v1/models/")))
-        raise _Reject(404, f"Invalid URL ({request.method} {request.path})", "unknown_url")
+            return _json(request, model_object(request.path.removeprefix("/v1/models/")))
+        raise Reject(404, f"Invalid URL ({request.method} {request.path})", "unknown_url")
 
     def _meta(self, body: JSON, prefix: str) -> JSON:
         return {
@@ -678,35 +282,35 @@ class FakeUpstream:
     async def _chat(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
-        choices, usage = _plan_chat(body, settings)
+        choices, usage = plan_chat(body, settings)
         meta = self._meta(body, "chatcmpl-")
-        events = [_sse(c) for c in _chat_chunks(meta, choices, usage, _include_usage(body))]
+        events = [sse(c) for c in chat_chunks(meta, choices, usage, usage_requested(body))]
         if body.get("stream") is True:
-            return await self._stream(request, settings, [*events, _DONE])
-        return await self._whole(request, settings, len(events), _chat_object(meta, choices, usage))
+            return await self._stream(request, settings, [*events, DONE])
+        return await self._whole(request, settings, len(events), chat_object(meta, choices, usage))
 
     async def _completions(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
-        choices, usage = _plan_completion(body, settings)
+        choices, usage = plan_completion(body, settings)
         meta = self._meta(body, "cmpl-")
         del meta["service_tier"]
-        chunks = _completion_chunks(meta, choices, usage, _include_usage(body))
-        events = [_sse(c) for c in chunks]
+        chunks = completion_chunks(meta, choices, usage, usage_requested(body))
+        events = [sse(c) for c in chunks]
         if body.get("stream") is True:
-            return await self._stream(request, settings, [*events, _DONE])
-        whole = _completion_object(meta, choices, usage)
+            return await self._stream(request, settings, [*events, DONE])
+        whole = completion_object(meta, choices, usage)
         return await self._whole(request, settings, len(events), whole)
 
     async def _embeddings(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
-        return await self._whole(request, settings, 1, _embeddings_object(body, settings))
+        return await self._whole(request, settings, 1, embeddings_object(body, settings))
 
     async def _responses(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
-        plan, usage = _plan_response(body, settings)
+        plan, usage = plan_response(body, settings)
         number = next(self._ids)
         meta = {
             "id": f"resp_{number}",
@@ -726,9 +330,9 @@ class FakeUpstream:
         }
         item_id = f"msg_{number}"
         if body.get("stream") is True:
-            events = _response_events(meta, item_id, plan, usage)
-            return await self._stream(request, settings, [_sse_typed(e) for e in events])
-        whole = _response_object(meta, item_id, plan, usage)
+            events = response_events(meta, item_id, plan, usage)
+            return await self._stream(request, settings, [sse_typed(e) for e in events])
+        whole = response_object(meta, item_id, plan, usage)
         # The stream frames the deltas with four events before and four after.
         return await self._whole(request, settings, len(plan.pieces) + 8, whole)
 
@@ -787,15 +391,6 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
-def _include_usage(body: JSON) -> bool:
-    options = body.get("stream_options")
-    return (
-        body.get("stream") is True
-        and isinstance(options, dict)
-        and options.get("include_usage") is True
-    )
-
-
 def _request_id(request: web.Request) -> dict[str, str]:
     return {"x-request-id": request.headers.get("x-request-id") or f"req_{secrets.token_hex(8)}"}
 
@@ -803,10 +398,6 @@ def _request_id(request: web.Request) -> dict[str, str]:
 def _json(request: web.Request, payload: JSON) -> web.Response:
     headers = {"Content-Type": "application/json", **_request_id(request)}
     return web.Response(body=orjson.dumps(payload), headers=headers)
-
-
-def _model(name: str) -> JSON:
-    return {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "llm-sidecar"}
 
 
 def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeSettings:
@@ -818,136 +409,24 @@ def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeS
         try:
             changes[name] = parse(value)
         except ValueError as exc:
-            raise _Reject(400, f"{header}: {value!r} is not a number", "invalid_value") from exc
+            raise Reject(400, f"{header}: {value!r} is not a number", "invalid_value") from exc
     if not changes:
         return settings
     try:
         return replace(settings, **changes)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise _Reject(400, f"x-fake-*: {exc}", "invalid_value") from exc
+        raise Reject(400, f"x-fake-*: {exc}", "invalid_value") from exc
 
 
 # -- the command line ---------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llm-sidecar fake-upstream", description="Run the fake OpenAI-compatible upstream."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--tokens", type=int, default=8)
-    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between events")
-    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first event")
-    parser.add_argument("--header-delay", type=float, default=0.0)
-    parser.add_argument("--require-key", default=None)
-    parser.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        settings = FakeSettings(
-            tokens=args.tokens,
-            token_delay=args.token_delay,
-            ttft=args.ttft,
-            header_delay=args.header_delay,
-            require_key=args.require_key,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.workers <= 1:
-        import uvloop
+    """`llm-sidecar fake-upstream` and `python -m proxy.fake_upstream`: see proxy.fake_workers."""
+    # Imported here because fake_workers builds on this module, not the other way round.
+    from proxy.fake_workers import main as run
 
-        uvloop.run(_serve(args.host, args.port, settings, reuse_port=False, ready=None))
-        return 0
-    return _run_workers(args.host, args.port, settings, args.workers)
-
-
-async def _serve(
-    host: str,
-    port: int,
-    settings: FakeSettings,
-    *,
-    reuse_port: bool,
-    ready: multiprocessing.queues.Queue[str] | None,
-) -> None:
-    fake = FakeUpstream(settings)
-    url = await fake.start(host, port, reuse_port=reuse_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is None:
-        print(f"fake upstream listening on {url}", flush=True)
-    else:
-        ready.put(url)
-    try:
-        await stop.wait()
-    finally:
-        await fake.close()
-
-
-def _worker(
-    host: str, port: int, settings: FakeSettings, ready: multiprocessing.queues.Queue[str]
-) -> None:
-    import uvloop
-
-    uvloop.run(_serve(host, port, settings, reuse_port=True, ready=ready))
-
-
-def _run_workers(host: str, port: int, settings: FakeSettings, workers: int) -> int:
-    # Port 0 must become one concrete port every worker shares: a bound socket
-    # that never listens reserves it without taking any connections.
-    reserve = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reserve.bind((host, port))
-    except OSError as exc:
-        reserve.close()
-        print(f"error: cannot bind {host}:{port}: {exc}", file=sys.stderr)
-        return 1
-    port = reserve.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    ready: multiprocessing.queues.Queue[str] = context.Queue()
-    procs = [
-        context.Process(target=_worker, args=(host, port, settings, ready), daemon=True)
-        for _ in range(workers)
-    ]
-    stopping = threading.Event()
-    # Signal handlers only set the flag; the loop below does the work.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    for proc in procs:
-        proc.start()
-    try:
-        started: list[str] = []
-        while len(started) < workers and not stopping.is_set():
-            try:
-                started.append(ready.get(timeout=0.2))
-            except queue.Empty:
-                if not all(proc.is_alive() for proc in procs):
-                    print("error: a worker did not start", file=sys.stderr)
-                    return 1
-        reserve.close()
-        if started:
-            print(f"fake upstream listening on {started[0]} ({workers} workers)", flush=True)
-        while not stopping.wait(0.5):
-            if not all(proc.is_alive() for proc in procs):
-                break
-    finally:
-        reserve.close()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-    return 0 if stopping.is_set() else 1
+    return run(argv)
 
 
 if __name__ == "__main__":
