@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -151,6 +152,9 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     # Before the socket opens: a SIGTERM from here on drains instead of killing.
     lifecycle.install_signals()
     await start_site(app, host, port, runner=runner)
+    # Everything built so far lives as long as the process: keep it out of
+    # the collector's full passes, which otherwise rescan it under load.
+    gc.freeze()
     logs.event("start", host=host, port=port, version=loaded.version, pid=os.getpid())
     try:
         await lifecycle.run_until_stopped()

@@ -80,23 +80,67 @@ async def open_upstream(
         ) from exc
 
 
+class _Idle(Exception):
+    """Put into the response's reader by the watch when the upstream goes quiet."""
+
+
+class _IdleWatch:
+    """One timer per response, re-armed lazily.
+
+    A per-read `asyncio.timeout` costs a timer handle per chunk, which showed
+    in profiles of short streams; here a chunk costs two clock reads, and the
+    timer only wakes once per `idle` to look. Only time spent waiting for the
+    upstream counts, not time the consumer spends writing to its callers.
+    """
+
+    __slots__ = ("_content", "_handle", "_idle", "_loop", "waiting_since")
+
+    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._content = content
+        self._idle = idle
+        self.waiting_since: float | None = None
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(idle, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.waiting_since
+        if since is not None and now - since >= self._idle:
+            self._handle = None
+            self._content.set_exception(_Idle())
+            return
+        due = (since if since is not None else now) + self._idle
+        self._handle = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 async def read_chunks(
     response: aiohttp.ClientResponse, idle_timeout: float
 ) -> AsyncIterator[bytes]:
     """The response body as it arrives; a gap past `idle_timeout` or a cut is UpstreamBroken."""
     content = response.content
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
+    loop = asyncio.get_running_loop()
+    watch = _IdleWatch(content, idle_timeout)
+    try:
+        while True:
+            watch.waiting_since = loop.time()
+            try:
                 chunk = await content.readany()
-        except TimeoutError as exc:
-            raise UpstreamBroken(
-                f"llm-sidecar: the upstream stream was idle for more than {idle_timeout:g}s"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamBroken(
-                f"llm-sidecar: the upstream stream broke ({type(exc).__name__})"
-            ) from exc
-        if not chunk:
-            return
-        yield chunk
+            except _Idle as exc:
+                raise UpstreamBroken(
+                    f"llm-sidecar: the upstream stream was idle for more than {idle_timeout:g}s"
+                ) from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                raise UpstreamBroken(
+                    f"llm-sidecar: the upstream stream broke ({type(exc).__name__})"
+                ) from exc
+            watch.waiting_since = None
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        watch.stop()
