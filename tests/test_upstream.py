@@ -1,0 +1,42 @@
+"""The upstream body reader: idle means the upstream was quiet, not that we were busy."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from proxy.errors import UpstreamBroken
+from proxy.fake_upstream import FakeUpstream
+from proxy.upstream import read_chunks
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "idle"}], "stream": True}
+
+
+async def test_a_slow_consumer_is_not_an_idle_upstream(fake: FakeUpstream) -> None:
+    fake.settings = replace(fake.settings, tokens=5)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{fake.base_url}/chat/completions", json=BODY) as response,
+    ):
+        received = b""
+        async for chunk in read_chunks(response, idle_timeout=0.1):
+            received += chunk
+            await asyncio.sleep(0.25)  # longer than the idle timeout, on our side
+    assert received.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_quiet_upstream_is_cut_after_the_idle_timeout(fake: FakeUpstream) -> None:
+    fake.hold_after = 2
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{fake.base_url}/chat/completions", json=BODY) as response,
+    ):
+        chunks = []
+        with pytest.raises(UpstreamBroken, match="idle"):
+            async with asyncio.timeout(5):
+                async for chunk in read_chunks(response, idle_timeout=0.2):
+                    chunks.append(chunk)
+        assert chunks  # the events before the silence arrived
