@@ -1,5 +1,6 @@
 -- Every request a new prompt (an all-miss load): "bench <nonce> <thread> <n>".
--- Arguments after "--": the run's nonce, the x-fake-tokens value, optionally a bearer key.
+-- Arguments after "--": the run's nonce, the x-fake-tokens value, optionally a bearer key
+-- ("-" for none) and "stream" to ask for SSE instead of JSON.
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "report.lua")
 
@@ -17,10 +18,12 @@ function init(args)
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["x-fake-tokens"] = args[2] or "8"
-  if args[3] then wrk.headers["Authorization"] = "Bearer " .. args[3] end
+  if args[3] and args[3] ~= "-" then wrk.headers["Authorization"] = "Bearer " .. args[3] end
+  if args[4] == "stream" then suffix = '"}],"stream":true}' end
 end
 
+suffix = '"}]}'
 function request()
   counter = counter + 1
-  return wrk.format(nil, "/v1/chat/completions", nil, prefix .. counter .. '"}]}')
+  return wrk.format(nil, "/v1/chat/completions", nil, prefix .. counter .. suffix)
 end

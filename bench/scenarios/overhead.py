@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench import plots
 from bench.common import (
@@ -41,6 +41,7 @@ TOKENS = "8"
 class Cell:
     runs: list[WrkResult]
     cpu: list[float]  # hop CPU seconds per run
+    upstream_cpu: list[float] = field(default_factory=list)  # the fake's, per run (hops only)
 
     def med(self, attr: str) -> float:
         return median([getattr(r, attr) for r in self.runs])
@@ -49,6 +50,11 @@ class Cell:
     def cpu_us_per_request(self) -> float:
         per = [c / r.requests * 1e6 for c, r in zip(self.cpu, self.runs, strict=True) if r.requests]
         return median(per)
+
+    @property
+    def upstream_cpu_us_per_request(self) -> float:
+        pairs = zip(self.upstream_cpu, self.runs, strict=False)
+        return median([c / r.requests * 1e6 for c, r in pairs if r.requests])
 
     @property
     def errors(self) -> int:
@@ -115,7 +121,8 @@ async def run(ctx: Context) -> Section:
             f"wrk, `distinct.lua` (a new prompt per request, {TOKENS} tokens), {seconds} s per "
             f"run, {rounds} interleaved round(s), median shown. Added latency is the hop's "
             "percentile minus the direct percentile at the same concurrency. Hop CPU is the "
-            "CPU time of the hop process alone (for direct: the fake upstream's) per request. "
+            "CPU time of the hop process alone per request, fake CPU the fake upstream's; both "
+            "share the one server core, so req/s is about 1 / (hop + fake CPU). "
             "llm-sidecar asks the upstream for a stream and assembles the JSON itself (its "
             "design: stream and non-stream callers share one call), and writes each answer to "
             "its memory cache."
@@ -130,6 +137,7 @@ async def run(ctx: Context) -> Section:
             "added p50 ms",
             "added p99 ms",
             "hop CPU µs/req",
+            "fake CPU µs/req",
             "errors",
         ],
     )
@@ -146,7 +154,7 @@ async def run(ctx: Context) -> Section:
             for conc in CONCURRENCY:
                 for name, server in hops.items():
                     await lab.fake_reset(fake)
-                    cpu_before = server.cpu_seconds()
+                    cpu_before, fake_before = server.cpu_seconds(), fake.cpu_seconds()
                     result = await run_wrk(
                         server.url,
                         "distinct.lua",
@@ -158,6 +166,8 @@ async def run(ctx: Context) -> Section:
                     cell = cells.setdefault((name, conc), Cell([], []))
                     cell.runs.append(result)
                     cell.cpu.append(cpu)
+                    if server is not fake:
+                        cell.upstream_cpu.append(fake.cpu_seconds() - fake_before)
                     if name == "llm-sidecar":
                         stats = await lab.fake_stats(fake)
                         section.raw.setdefault("sidecar_upstream_calls", []).append(
@@ -195,6 +205,12 @@ def _rows(section: Section, cells: dict[tuple[str, int], Cell], hops: dict[str, 
                     "—" if name == "direct" else num(added50, 3),
                     "—" if name == "direct" else num(added99, 3),
                     num(cell.cpu_us_per_request, 0),
+                    num(
+                        cell.cpu_us_per_request
+                        if name == "direct"
+                        else cell.upstream_cpu_us_per_request,
+                        0,
+                    ),
                     str(cell.errors),
                 ]
             )
