@@ -87,9 +87,8 @@ def timeline(
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
     for name, (xs, ys) in series.items():
         ax.step(xs, ys, where="post", label=name)
-    for label, at in marks.items():
-        ax.axvline(at, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(label, (at, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", ha="right")
+    for (label, at), style in zip(marks.items(), (":", "--", "-."), strict=False):
+        ax.axvline(at, color="grey", linestyle=style, linewidth=1, label=f"{label} ({at:.3f} s)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -1,7 +1,7 @@
 """Profile llm-sidecar (or the bare relay) under scenario 1's load with py-spy.
 
 Usage: python -m bench.profile [--seconds 10] [--connections 16] [--hop llm-sidecar|bare-relay]
-[--cache-hits | --stream]. py-spy comes from /tmp/bench-tools-venv (pip install py-spy
+[--cache-hits | --stream] [--redis]. py-spy comes from /tmp/bench-tools-venv (pip install py-spy
 there; never into the project). It samples the hop without pausing it
 (--nonblocking) while wrk drives `distinct.lua` (every request a miss) or,
 with --cache-hits, `fixed.lua`. The collapsed stacks are kept in
@@ -75,6 +75,11 @@ async def _main(args: argparse.Namespace) -> int:
         fake = await lab.fake()
         if args.hop == "bare-relay":
             hop = await lab.bare_relay(fake)
+        elif args.redis:
+            redis = await lab.redis()
+            hop = await lab.sidecar(
+                sidecar_policy(fake.port, backend="redis", redis_port=redis.port)
+            )
         else:
             hop = await lab.sidecar(sidecar_policy(fake.port))
         nonce = secrets.token_hex(4)
@@ -87,7 +92,7 @@ async def _main(args: argparse.Namespace) -> int:
                 headers = {"Content-Type": "application/json"}
                 await post_json(client, f"{hop.url}/v1/chat/completions", body, headers)
         kind = "-hits" if args.cache_hits else "-stream" if args.stream else ""
-        label = f"{args.hop}{kind}-c{args.connections}"
+        label = f"{args.hop}{'-redis' if args.redis else ''}{kind}-c{args.connections}"
         out = RAW / f"profile-{label}.txt"
         argv = [str(PY_SPY), "record", "--nonblocking", "--rate", "250", "--format", "raw"]
         argv += ["--duration", str(args.seconds), "--pid", str(hop.pid), "--output", str(out)]
@@ -127,6 +132,7 @@ def main() -> int:
     parser.add_argument("--hop", choices=("llm-sidecar", "bare-relay"), default="llm-sidecar")
     parser.add_argument("--cache-hits", action="store_true")
     parser.add_argument("--stream", action="store_true", help="misses ask for SSE, not JSON")
+    parser.add_argument("--redis", action="store_true", help="llm-sidecar with the Redis cache")
     args = parser.parse_args()
     try:
         return uvloop.run(_main(args))
