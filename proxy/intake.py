@@ -7,7 +7,7 @@ directives. Produces one frozen `Intake` that the later stages read.
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +37,11 @@ class Intake:
     cache_write: bool
 
 
-def request_id_of(request: web.Request) -> str:
+def request_id_of(request: web.Request, new_id: Callable[[], str]) -> str:
     given = request.headers.get("x-request-id")
     if given and len(given) <= 200 and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return new_id()
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

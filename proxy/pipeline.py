@@ -24,7 +24,7 @@ from proxy.trail import trail_of
 async def handle_api(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     snapshot = rt.snapshot  # one policy for the whole request, whatever reloads
-    request_id = request_id_of(request)
+    request_id = request_id_of(request, rt.new_request_id)
     trail = trail_of(request)
     if trail is not None:
         trail.request_id = request_id

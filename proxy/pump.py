@@ -95,7 +95,7 @@ def _fail(stream: Stream, error: ProxyError) -> None:
     if not stream.head.done():
         stream.fail_before_head(error)
     elif stream.state != "done":
-        stream.append(LogEvent.make(error.sse_event(), None))
+        stream.append([LogEvent(error.sse_event(), None)])
         stream.end(complete=False, error=error)
 
 
@@ -146,6 +146,7 @@ async def _pump_events(
     terminal = False
     upstream_error = False
     async for chunk in read_chunks(response, idle_timeout):
+        batch: list[LogEvent] = []
         for event in decoder.feed(chunk):
             parsed: Any = None
             if event.data == DONE:
@@ -163,7 +164,8 @@ async def _pump_events(
                 elif parsed.get("type") in RESPONSE_TERMINAL:
                     terminal = True
                 usage_only = parsed.get("choices") == [] and parsed.get("usage") is not None
-            stream.append(LogEvent.make(event.raw, parsed, usage_only))
+            batch.append(LogEvent(event.raw, parsed, usage_only))
+        stream.append(batch)
     whole = terminal if path == "/v1/responses" else seen_done
     if not whole and not upstream_error:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
@@ -203,6 +205,10 @@ def replay_answer(stream: Stream, answer: CachedAnswer) -> None:
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": answer.content_type})
     stream.open(Head(answer.status, headers, is_sse=answer.is_sse, body=answer.body))
     stream.assembled = answer.body
-    for index, raw in enumerate(answer.events):
-        stream.append(LogEvent.make(raw, None, index == answer.usage_event))
+    stream.append(
+        [
+            LogEvent(raw, None, index == answer.usage_event)
+            for index, raw in enumerate(answer.events)
+        ]
+    )
     stream.end(complete=False)  # already cached: nothing to write back

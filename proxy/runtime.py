@@ -9,7 +9,9 @@ tasks it owns.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import itertools
+import secrets
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +102,8 @@ class Runtime:
     # Caches replaced by a reload, still closing; awaited at shutdown.
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
+    _id_prefix: str = field(default_factory=lambda: secrets.token_hex(8))
+    _id_counter: Iterator[int] = field(default_factory=itertools.count)
     recorder: StageRecorder | None = None
     # This app's own registry: tests and apps in one process never share one.
     metrics: Metrics = field(default_factory=Metrics)
@@ -108,6 +112,14 @@ class Runtime:
         self.recorder = StageRecorder()
         self.stages.observe(self.recorder)
         return self.recorder
+
+    def new_request_id(self) -> str:
+        """A unique id: a random per-process prefix and a counter.
+
+        uuid4 reads the OS's random source on every request, which showed in
+        profiles; ids need to be unique, not secret.
+        """
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def retire_cache(self, old: Cache) -> None:
         """Close a cache replaced by a reload, off the request path."""

@@ -1,9 +1,9 @@
 """The stream: one upstream response, logged once and fanned out to readers.
 
 An append-only log of events plus readers with one cursor each. A reader
-replays from event 0, then joins the push set: the producer frames each
-event once (HTTP chunk header included) and writes the same bytes straight
-to every pushed reader's transport, with no wake-up per reader. A reader
+replays from event 0, then joins the push set: the producer frames the
+events of each upstream read once (one HTTP chunk) and writes the same bytes
+straight to every pushed reader's transport, with no wake-up per reader. A reader
 whose transport buffer passes the high-water mark leaves the push set and
 catches up from its cursor on its own, so one slow reader never holds the
 producer or the others.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,13 +27,18 @@ from proxy.sse import chunk_frame
 @dataclass(frozen=True, slots=True)
 class LogEvent:
     raw: bytes  # the event as the upstream framed it
-    frame: bytes  # raw wrapped in one HTTP chunk, built once for all readers
     data: Any  # parsed JSON payload, or None ([DONE], non-JSON)
-    usage_only: bool  # the include_usage chunk: only readers who asked get it
+    usage_only: bool = False  # the include_usage chunk: only readers who asked get it
 
-    @classmethod
-    def make(cls, raw: bytes, data: Any, usage_only: bool = False) -> LogEvent:
-        return cls(raw, chunk_frame(raw), data, usage_only)
+
+def frame_events(events: Sequence[LogEvent], with_usage: bool) -> bytes:
+    """Events as one HTTP chunk, or b"" when none is for this kind of reader.
+
+    Framing happens when bytes are written, not when events are logged, so a
+    stream with only non-stream readers never frames at all.
+    """
+    payload = b"".join(e.raw for e in events if with_usage or not e.usage_only)
+    return chunk_frame(payload) if payload else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,26 +117,35 @@ class Stream:
                 self.head.exception()
         self._finish()
 
-    def append(self, event: LogEvent) -> None:
+    def append(self, events: Sequence[LogEvent]) -> None:
+        """Log the events of one upstream read and push them as one write per reader."""
+        if not events:
+            return
         if self.first_event_at is None:
             self.first_event_at = time.perf_counter()
-        self.events.append(event)
-        self.size += len(event.raw)
+        self.events.extend(events)
+        self.size += sum(len(event.raw) for event in events)
         if not self._push:
             return
-        frame = event.frame
+        count = len(events)
+        # At most two framings, shared by every pushed reader: with and
+        # without the usage chunk.
+        frames: dict[bool, bytes] = {}
+        high_water = self.settings.write_high_water
         for reader in list(self._push):
-            if event.usage_only and not reader.wants_usage:
-                reader.cursor += 1
-                continue
             transport = reader.transport
             if transport is None or transport.is_closing():
                 self._push.discard(reader)
                 reader.notify()
                 continue
-            transport.write(frame)
-            reader.cursor += 1
-            if transport.get_write_buffer_size() > self.settings.write_high_water:
+            wants = reader.wants_usage
+            frame = frames.get(wants)
+            if frame is None:
+                frame = frames[wants] = frame_events(events, wants)
+            if frame:
+                transport.write(frame)
+            reader.cursor += count
+            if transport.get_write_buffer_size() > high_water:
                 self._push.discard(reader)
                 reader.notify()
 
