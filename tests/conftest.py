@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -96,6 +96,51 @@ async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
 @pytest.fixture
 async def proxy(start_proxy: StartProxy) -> RunningProxy:
     return await start_proxy()
+
+
+@dataclass
+class Hook:
+    """A prepare hook (`http_hook` step) the test steers: it echoes the body,
+    optionally after a gate and a delay, with changes merged in, or answers
+    an error status."""
+
+    url: str = ""
+    delay: float = 0.0
+    gate: asyncio.Event | None = None
+    status: int = 200
+    changes: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[Hook]:
+    state = Hook()
+
+    async def prepare(request: web.Request) -> web.Response:
+        state.calls += 1
+        body = await request.json()
+        if state.gate is not None:
+            await state.gate.wait()
+        await asyncio.sleep(state.delay)
+        if state.status >= 400:
+            error = {"message": "blocked by policy hook", "type": "x", "param": None, "code": None}
+            return web.json_response({"error": error}, status=state.status)
+        return web.json_response({**body, **state.changes})
+
+    app = web.Application()
+    app.router.add_post("/prepare", prepare)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.url = f"http://127.0.0.1:{port}/prepare"
+    try:
+        yield state
+    finally:
+        if state.gate is not None:
+            state.gate.set()
+        await runner.cleanup()
 
 
 async def post(

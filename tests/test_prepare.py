@@ -4,18 +4,16 @@ once per upstream call, in the leader stage only."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.fake_upstream import FakeUpstream
-from tests.conftest import StartProxy, wait_idle
+from tests.conftest import Hook, StartProxy, wait_idle
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "prep"}]}
 
@@ -69,45 +67,11 @@ async def test_clamp_sets_an_absent_limit(fake: FakeUpstream, start_proxy: Start
     assert orjson.loads(fake.requests[-1].body)["max_tokens"] == 7
 
 
-class HookServer:
-    def __init__(self) -> None:
-        self.status = 200
-        self.calls = 0
-        self.url = ""
-
-
-@pytest.fixture
-async def hook_server() -> AsyncIterator[HookServer]:
-    state = HookServer()
-
-    async def handle(request: web.Request) -> web.Response:
-        state.calls += 1
-        body = await request.json()
-        if state.status >= 400:
-            return web.json_response(
-                {"error": {"message": "blocked by policy hook", "type": "x", "code": None}},
-                status=state.status,
-            )
-        body["model"] = "hooked"
-        return web.json_response(body)
-
-    app = web.Application()
-    app.router.add_post("/hook", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
-    try:
-        yield state
-    finally:
-        await runner.cleanup()
-
-
 async def test_http_hook_rewrites_once_per_upstream_call(
-    fake: FakeUpstream, start_proxy: StartProxy, hook_server: HookServer
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
 ) -> None:
-    proxy = await start_proxy(_route({"step": "http_hook", "url": hook_server.url}))
+    hook.changes = {"model": "hooked"}
+    proxy = await start_proxy(_route({"step": "http_hook", "url": hook.url}))
     fake.hold_after = 0
     url = f"{proxy.base_url}/chat/completions"
     tasks = [asyncio.create_task(_post(url, {**CHAT, "stream": True})) for _ in range(5)]
@@ -117,16 +81,16 @@ async def test_http_hook_rewrites_once_per_upstream_call(
     fake.release.set()
     results = await asyncio.gather(*tasks)
     assert {r[0] for r in results} == {200}
-    assert hook_server.calls == 1 and fake.total_calls == 1
+    assert hook.calls == 1 and fake.total_calls == 1
     assert orjson.loads(fake.requests[-1].body)["model"] == "hooked"
     await wait_idle(proxy.runtime)
 
 
 async def test_http_hook_error_status_rejects(
-    fake: FakeUpstream, start_proxy: StartProxy, hook_server: HookServer
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
 ) -> None:
-    hook_server.status = 403
-    proxy = await start_proxy(_route({"step": "http_hook", "url": hook_server.url}))
+    hook.status = 403
+    proxy = await start_proxy(_route({"step": "http_hook", "url": hook.url}))
     status, _, body = await _post(f"{proxy.base_url}/chat/completions", CHAT)
     assert status == 403
     error = orjson.loads(body)["error"]

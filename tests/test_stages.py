@@ -7,54 +7,15 @@ Assertions read the limiters' recorded stage events, not wall-clock alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
-from aiohttp import web
 
 from proxy.fake_upstream import FakeUpstream
 from proxy.limiter import StageEvent
-from tests.conftest import StartProxy, post, wait_idle
-
-
-@dataclass
-class Hook:
-    url: str
-    delay: float = 0.0
-    gate: asyncio.Event | None = None
-    calls: int = 0
-
-
-@pytest.fixture
-async def hook() -> AsyncIterator[Hook]:
-    state = Hook(url="")
-
-    async def prepare(request: web.Request) -> web.Response:
-        state.calls += 1
-        body = await request.json()
-        if state.gate is not None:
-            await state.gate.wait()
-        await asyncio.sleep(state.delay)
-        return web.json_response(body)
-
-    app = web.Application()
-    app.router.add_post("/prepare", prepare)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}/prepare"
-    try:
-        yield state
-    finally:
-        if state.gate is not None:
-            state.gate.set()
-        await runner.cleanup()
+from tests.conftest import Hook, StartProxy, post, wait_idle
 
 
 def _policy(
