@@ -178,7 +178,3 @@ class Stream:
 
     def unsubscribe(self, reader: PushReader) -> None:
         self._push.discard(reader)
-
-    @property
-    def pushed(self) -> int:
-        return len(self._push)
