@@ -55,6 +55,32 @@ def upstream_body(path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def pump(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict[str]) -> None:
+    try:
+        await _run(rt, stream, intake, headers)
+        await _store(rt, stream, intake)
+    finally:
+        rt.table.unpublish(stream)
+
+
+async def _store(rt: Runtime, stream: Stream, intake: Intake) -> None:
+    """Hand a complete answer to the cache; stay published until it lands.
+
+    A finished, complete stream is still joinable, so an identical request
+    arriving before the write is visible follows it instead of calling the
+    upstream again.
+    """
+    config = intake.route.config.cache
+    if not (stream.complete and intake.cache_write and intake.key is not None):
+        return
+    if config is None or config.ttl <= 0:
+        return
+    pending = rt.cache.store(intake.key, answer_of(stream), config.ttl)
+    if pending is not None:
+        # wait, not await: a cancelled pump must not cancel the cache's write.
+        await asyncio.wait((pending,))
+
+
+async def _run(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict[str]) -> None:
     holder = intake.request_id
     try:
         async with rt.stages.leader.slot(holder):
@@ -83,12 +109,6 @@ async def pump(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict
     except Exception as exc:
         log.exception("pump failed")
         _fail(stream, ProxyError(f"llm-sidecar: internal error ({type(exc).__name__})"))
-    finally:
-        rt.table.unpublish(stream)
-    if stream.complete and intake.cache_write and intake.key is not None:
-        config = intake.route.config.cache
-        if config is not None and config.ttl > 0:
-            rt.cache.store(intake.key, answer_of(stream), config.ttl)
 
 
 def _fail(stream: Stream, error: ProxyError) -> None:

@@ -166,8 +166,9 @@ class Stream:
 
     @property
     def joinable(self) -> bool:
-        """Whether a new follower may attach (the log is still under its cap)."""
-        return self.state != "done" and self.size <= self.settings.max_log_bytes
+        """Whether a new follower may attach: the log is under its cap, and the
+        stream is live or ended whole (a follower then replays it all)."""
+        return (self.state != "done" or self.complete) and self.size <= self.settings.max_log_bytes
 
     def subscribe(self, reader: PushReader) -> bool:
         """Join the push set if `reader` has caught up; False means catch up first."""

@@ -291,3 +291,34 @@ async def test_hung_redis_costs_at_most_the_timeout(
     # The lookup timed out (200 ms) and the request went on as a miss.
     assert during < baseline + 0.2 + 0.5
     assert proxy.runtime.cache.stats().timeouts >= 1  # type: ignore[attr-defined]
+
+
+async def test_no_second_call_while_the_answer_is_being_written(
+    fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    # Redis writes land after the readers are answered. Hold them back with
+    # CLIENT PAUSE (reads still go through): a finished stream must stay
+    # joinable until its write lands, so a repeat never calls the upstream.
+    policy = _policy("redis", redis_server)
+    policy["cache"]["timeout"] = "2s"
+    proxy = await start_proxy(policy)
+    url = f"{proxy.base_url}/chat/completions"
+    admin = aioredis.Redis(port=redis_server.port)
+    served = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for n in range(3):
+                body = {**CHAT, "messages": [{"role": "user", "content": f"gap {n}"}]}
+                await admin.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+                first = await post(session, url, body)
+                second = await post(session, url, body)
+                assert first[0] == second[0] == 200 and first[2] == second[2]
+                served.append(second[1]["x-llm-sidecar"])
+                await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+    finally:
+        await admin.aclose()
+    assert fake.total_calls == 3
+    assert served == ["follow"] * 3
+    await wait_idle(proxy.runtime)

@@ -7,6 +7,7 @@ answers None on any fault, `store` never raises into the caller.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,8 +28,12 @@ class CachedAnswer:
 class Cache(Protocol):
     async def lookup(self, key: str) -> CachedAnswer | None: ...
 
-    def store(self, key: str, answer: CachedAnswer, ttl: float) -> None:
-        """Schedule a write off the caller's path; the cache owns the task."""
+    def store(self, key: str, answer: CachedAnswer, ttl: float) -> asyncio.Future[None] | None:
+        """Schedule a write off the caller's path; the cache owns the task.
+
+        Returns the pending write to wait on (never to cancel), or None when
+        the write is already done or was dropped.
+        """
         ...
 
     async def close(self) -> None: ...
@@ -38,7 +43,7 @@ class NullCache:
     async def lookup(self, key: str) -> CachedAnswer | None:
         return None
 
-    def store(self, key: str, answer: CachedAnswer, ttl: float) -> None:
+    def store(self, key: str, answer: CachedAnswer, ttl: float) -> asyncio.Future[None] | None:
         return None
 
     async def close(self) -> None:

@@ -259,9 +259,9 @@ class CacheLane:
 
     # -- writes ----------------------------------------------------------
 
-    def store(self, key: str, answer: CachedAnswer, ttl: float) -> None:
+    def store(self, key: str, answer: CachedAnswer, ttl: float) -> asyncio.Task[None] | None:
         if self._closed or ttl <= 0:
-            return
+            return None
         if self._inline is not None:
             try:
                 self._inline.set_now(key, answer, ttl)
@@ -269,17 +269,18 @@ class CacheLane:
                 self._store_errors += 1
             else:
                 self._store_ok += 1
-            return
-        self._spawn_write(self.backend.set(key, answer, ttl))
+            return None
+        return self._spawn_write(self.backend.set(key, answer, ttl))
 
-    def _spawn_write(self, write: Coroutine[Any, Any, None]) -> None:
+    def _spawn_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if self._closed or len(self._writes) >= self.max_writes or self.breaker.refusing():
             write.close()  # never awaited: close it so no warning is raised
             self._store_dropped += 1
-            return
+            return None
         task = asyncio.create_task(self._write(write))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+        return task
 
     async def _write(self, write: Coroutine[Any, Any, None]) -> None:
         permit = self.breaker.allow()
