@@ -322,3 +322,19 @@ async def test_no_second_call_while_the_answer_is_being_written(
     assert fake.total_calls == 3
     assert served == ["follow"] * 3
     await wait_idle(proxy.runtime)
+
+
+async def test_redis_down_at_start_up_costs_nothing_but_misses(
+    fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
+) -> None:
+    redis_server.kill()  # nothing listens on its port now
+    proxy = await start_proxy(_policy("redis", redis_server))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{proxy.port}/readyz") as ready:
+            assert ready.status == 200
+        results = [
+            await post(session, f"{proxy.base_url}/chat/completions", CHAT) for _ in range(3)
+        ]
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert [r[1]["x-llm-sidecar"] for r in results] == ["lead"] * 3
+    await wait_idle(proxy.runtime)
