@@ -8,17 +8,43 @@ Used for GET /v1/models, files, unknown endpoints and routes with
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
 from proxy.headers import downstream_response_headers, upstream_request_headers
-from proxy.intake import read_body
 from proxy.reply import SERVED_BY
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
 from proxy.upstream import open_upstream, read_chunks, upstream_url
+
+
+def _too_large(limit: int) -> str:
+    return f"llm-sidecar: the request body is over the {limit}-byte limit"
+
+
+class _LimitedBody:
+    """The caller's body streamed upstream as it arrives, cut past `limit`.
+
+    aiohttp reports an exception raised while uploading as a connection
+    error; `exceeded` lets the relay answer 413 instead of 502.
+    """
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in self._request.content.iter_any():
+            total += len(chunk)
+            if total > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge(_too_large(self._limit))
+            yield chunk
 
 
 async def relay(
@@ -27,7 +53,6 @@ async def relay(
     request_id: str,
     rt: Runtime,
     limit: int,
-    body: bytes | None = None,
 ) -> web.StreamResponse:
     config = route.upstream
     headers = upstream_request_headers(
@@ -35,18 +60,25 @@ async def relay(
     )
     if route.upstream_key is not None:
         headers["Authorization"] = route.upstream_key.reveal()
-    data: bytes | None = body
-    if data is None and request.body_exists:
+    body: _LimitedBody | None = None
+    if request.body_exists:
         length = request.content_length
-        if length is not None and length > limit:
-            raise BodyTooLarge(f"llm-sidecar: the request body is over the {limit}-byte limit")
-        data = await read_body(request, limit)
+        if length is not None:
+            if length > limit:
+                raise BodyTooLarge(_too_large(limit))
+            # Known length: the upstream gets it too, rather than a chunked upload.
+            headers["Content-Length"] = str(length)
+        body = _LimitedBody(request, limit)
     session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, request.path, request.query_string)
     try:
-        upstream = await open_upstream(session, config, request.method, url, headers, data)
-    except ProxyError:
+        upstream = await open_upstream(
+            session, config, request.method, url, headers, body.chunks() if body else None
+        )
+    except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
+        if body is not None and body.exceeded:
+            raise BodyTooLarge(_too_large(limit)) from exc
         raise
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)
