@@ -205,3 +205,25 @@ def _dechunk(data: bytes) -> bytes:
             return out
         out += rest[:size]
         data = rest[size + 2 :]
+
+
+async def test_waiting_readers_get_keepalive_comments_that_sdks_ignore(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy({"stream": {"keepalive_interval": "100ms"}})
+    fake.settings = replace(fake.settings, ttft=0.6)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.base_url}/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
+        raw = await r.read()
+    before_first_event = raw.split(b"data: ", 1)[0]
+    assert before_first_event.count(b": keepalive\n\n") >= 2
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(**CHAT, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    finally:
+        await client.close()
+    assert text and len(text.split()) == fake.settings.tokens
+    await wait_idle(proxy.runtime)
