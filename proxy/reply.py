@@ -164,10 +164,12 @@ async def serve_from_stream(
                     if head.is_sse and head.status < 300:
                         out = await SSEOut.start(request, head, intake, served)
                         await out.catch_up(stream)
-        head = await stream.head
+        # shield: the head and the end are shared by every reader, and a
+        # cancelled await (this caller leaving) would cancel them for all.
+        head = await asyncio.shield(stream.head)
         if head.status >= 300 or not head.is_sse:
             if head.status < 300:
-                await stream.finished
+                await asyncio.shield(stream.finished)
                 if stream.error is not None:
                     raise stream.error
             return web.Response(
@@ -179,7 +181,7 @@ async def serve_from_stream(
             await out.follow(stream)
             await out.response.write_eof()
             return out.response
-        await stream.finished
+        await asyncio.shield(stream.finished)
         if stream.assembled is None:
             raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
         return web.Response(

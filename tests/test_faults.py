@@ -144,3 +144,25 @@ async def test_all_readers_leave(
     assert status == 200
     assert headers["x-llm-sidecar"] == ("hit" if on_abandon == "finish" else "lead")
     await wait_idle(proxy.runtime)
+
+
+async def test_a_waiting_reader_leaving_never_cancels_the_others(
+    fake: FakeUpstream, proxy: RunningProxy
+) -> None:
+    # Readers share the stream's head and end; one caller's cancelled wait
+    # must not cancel them for everybody.
+    fake.hold_after = 0
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        stay = [
+            asyncio.create_task(post(session, url, {**CHAT, "stream": s})) for s in (False, True)
+        ]
+        leaver = asyncio.create_task(post(session, url, CHAT))
+        await wait_readers(proxy, 3)
+        leaver.cancel()  # its connection closes: the proxy cancels its handler
+        await until(lambda: sum(s.readers for s in proxy.runtime.table) == 2)
+        fake.release.set()
+        results = await asyncio.gather(*stay)
+    assert [status for status, _, _ in results] == [200, 200]
+    assert fake.total_calls == 1
+    await wait_idle(proxy.runtime)
