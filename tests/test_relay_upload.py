@@ -1,4 +1,4 @@
-"""Relayed request bodies stream upstream as they arrive, under the size limit."""
+"""Relayed bodies stream both ways: uploads go up as they arrive, SSE comes down as it comes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.fake_upstream import FakeUpstream
 from tests.conftest import StartProxy, wait_idle
 
 
@@ -78,3 +79,26 @@ async def test_upload_streams_through_before_the_caller_finishes(start_proxy: St
         await wait_idle(limited.runtime)
     finally:
         await runner.cleanup()
+
+
+async def test_relayed_sse_passes_events_through_as_they_come(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        {"routes": [{"match": {"path": "/v1/*"}, "upstream": "fake", "coalesce": False}]}
+    )
+    fake.hold_after = 3  # the upstream stops after 3 events until released
+    body = {"model": "m", "messages": [{"role": "user", "content": "relay"}], "stream": True}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.base_url}/chat/completions", json=body) as response,
+    ):
+        assert response.headers["x-llm-sidecar"] == "bypass"
+        seen = b""
+        async with asyncio.timeout(5):
+            while seen.count(b"\n\n") < 3:
+                seen += await response.content.readany()
+        fake.release.set()  # only now does the rest exist
+        rest = await response.read()
+    assert (seen + rest).endswith(b"data: [DONE]\n\n")
+    await wait_idle(proxy.runtime)
