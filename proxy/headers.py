@@ -36,6 +36,7 @@ _OWNED_RESPONSE = HOP_BY_HOP | {
 }
 
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+_OWNED_AND_CREDENTIALS = _OWNED_REQUEST | frozenset(CREDENTIAL_HEADERS)
 
 
 def _connection_named(headers: Headers) -> set[str]:
@@ -57,12 +58,16 @@ def _filter(headers: Headers, drop: frozenset[str]) -> CIMultiDict[str]:
 
 
 def upstream_request_headers(
-    headers: Headers, request_id: str, drop_credentials: bool = False
+    headers: Headers, request_id: str, injected_key: str | None = None
 ) -> CIMultiDict[str]:
-    """What the caller sent, minus hop-by-hop, plus our request id."""
-    drop = _OWNED_REQUEST | frozenset(CREDENTIAL_HEADERS) if drop_credentials else _OWNED_REQUEST
-    out = _filter(headers, drop)
+    """What the caller sent, minus hop-by-hop, plus our request id.
+
+    With a key the sidecar injects, the caller's credentials never go upstream.
+    """
+    out = _filter(headers, _OWNED_REQUEST if injected_key is None else _OWNED_AND_CREDENTIALS)
     out["X-Request-Id"] = request_id
+    if injected_key is not None:
+        out["Authorization"] = injected_key
     return out
 
 

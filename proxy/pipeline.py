@@ -10,7 +10,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import ProxyError
-from proxy.headers import upstream_request_headers
 from proxy.intake import Intake, coalescible_intake, read_body, request_id_of, route_of
 from proxy.policy import StreamSettings
 from proxy.pump import pump
@@ -59,10 +58,6 @@ async def coalesce(
     if existing is None:
         rt.table.publish(stream)
     # else: the live stream is past its log cap; this one runs unpublished.
-    headers = upstream_request_headers(
-        request.headers, intake.request_id, drop_credentials=intake.route.upstream_key is not None
-    )
-    if intake.route.upstream_key is not None:
-        headers["Authorization"] = intake.route.upstream_key.reveal()
+    headers = intake.route.upstream_headers(request.headers, intake.request_id)
     stream.pump = rt.spawn_pump(pump(rt, stream, intake, headers))
     return await serve_from_stream(request, intake, stream, rt, "lead", None)

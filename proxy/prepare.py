@@ -16,6 +16,7 @@ import orjson
 from multidict import CIMultiDict
 
 from proxy.errors import HookRejected, UpstreamUnavailable
+from proxy.headers import CREDENTIAL_HEADERS
 from proxy.policy import (
     ClampMaxTokens,
     HttpHook,
@@ -82,7 +83,7 @@ class InjectKeyStep:
 
     async def __call__(self, request: Outgoing) -> Outgoing:
         headers = request.headers.copy()
-        for name in ("authorization", "api-key", "x-api-key"):
+        for name in CREDENTIAL_HEADERS:
             headers.popall(name, None)
         headers[self.header] = self.value.reveal()
         return replace(request, headers=headers)

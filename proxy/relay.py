@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
-from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.headers import downstream_response_headers
 from proxy.reply import SERVED_BY
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
@@ -55,11 +55,7 @@ async def relay(
     limit: int,
 ) -> web.StreamResponse:
     config = route.upstream
-    headers = upstream_request_headers(
-        request.headers, request_id, drop_credentials=route.upstream_key is not None
-    )
-    if route.upstream_key is not None:
-        headers["Authorization"] = route.upstream_key.reveal()
+    headers = route.upstream_headers(request.headers, request_id)
     body: _LimitedBody | None = None
     if request.body_exists:
         length = request.content_length

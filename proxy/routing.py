@@ -13,6 +13,9 @@ import os
 import re
 from dataclasses import dataclass
 
+from multidict import CIMultiDict
+
+from proxy.headers import Headers, upstream_request_headers
 from proxy.policy import COALESCIBLE_PATHS, LoadedPolicy, PolicyError, Route, Upstream
 from proxy.prepare import HookClient, MissingSecret, PrepareStep, Secret, build_step
 
@@ -32,6 +35,11 @@ class CompiledRoute:
         if self.methods is not None and method not in self.methods:
             return False
         return self.pattern.fullmatch(path) is not None
+
+    def upstream_headers(self, headers: Headers, request_id: str) -> CIMultiDict[str]:
+        """The caller's headers as this route sends them upstream."""
+        key = None if self.upstream_key is None else self.upstream_key.reveal()
+        return upstream_request_headers(headers, request_id, key)
 
     def coalesces(self, method: str, path: str) -> bool:
         return self.config.coalesce and method == "POST" and path in COALESCIBLE_PATHS
