@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["fake-upstream"]:
-        from proxy.fake_upstream import main as fake_main
+        from proxy.testing.fake_workers import main as fake_main
 
         return fake_main(args_list[1:])
     args = _parser().parse_args(args_list)

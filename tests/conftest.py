@@ -15,9 +15,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.app import build_app, start_site
-from proxy.fake_upstream import FakeUpstream
 from proxy.policy import parse_policy
 from proxy.runtime import RUNTIME, Runtime
+from proxy.testing.fake_upstream import FakeUpstream
 
 
 @dataclass

@@ -24,7 +24,7 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import base_policy, merge
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, wait_idle
 from tests.redis_server import RedisServer
 

@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import orjson
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, wait_idle, wait_readers
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "coalesce me"}]}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from proxy.assemble import assemble_chat, assemble_completion
-from proxy.fake_answers import (
+from proxy.testing.fake_answers import (
     FakeSettings,
     chat_chunks,
     chat_object,

@@ -21,7 +21,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 
 MESSAGES: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS: list[Any] = [
@@ -406,7 +406,7 @@ async def test_header_overrides_and_control_endpoints(fake: FakeUpstream) -> Non
 
 
 def test_cli_workers_share_one_port() -> None:
-    command = [sys.executable, "-m", "proxy.fake_upstream", "--port", "0", "--workers", "2"]
+    command = [sys.executable, "-m", "proxy.testing.fake_workers", "--port", "0", "--workers", "2"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None

@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, until, wait_idle, wait_readers
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "faults"}]}

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.proxy_process import policy_for, run_proxy, write_policy
 
 CALLER_SECRET = "sk-canary-caller-3f9a1c77e2d04b"

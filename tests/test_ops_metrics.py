@@ -14,8 +14,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.fake_upstream import FakeUpstream
 from proxy.metrics import Metrics
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, wait_idle, wait_readers
 from tests.proxy_process import free_port, parse_metrics, sample
 

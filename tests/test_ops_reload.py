@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.fake_upstream import FakeUpstream
 from proxy.reload import Reloader
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import StartProxy, until
 from tests.proxy_process import policy_for, run_proxy, sample, write_policy
 

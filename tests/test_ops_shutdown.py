@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import until
 from tests.proxy_process import ProxyProcess, policy_for, run_proxy
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import Hook, StartProxy, wait_idle
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "prep"}]}

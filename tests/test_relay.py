@@ -15,7 +15,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, wait_idle
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]

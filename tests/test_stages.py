@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.fake_upstream import FakeUpstream
 from proxy.limiter import StageEvent
+from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import Hook, StartProxy, post, wait_idle
 
 

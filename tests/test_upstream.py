@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import UpstreamBroken
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 from proxy.upstream import read_chunks
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "idle"}], "stream": True}

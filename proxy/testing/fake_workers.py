@@ -18,8 +18,8 @@ import socket
 import sys
 import threading
 
-from proxy.fake_answers import FakeSettings
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_answers import FakeSettings
+from proxy.testing.fake_upstream import FakeUpstream
 
 __all__ = ["main"]
 
@@ -142,3 +142,7 @@ def _run_workers(host: str, port: int, settings: FakeSettings, workers: int) -> 
             if proc.is_alive():
                 proc.kill()
     return 0 if stopping.is_set() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 It speaks the OpenAI wire format closely enough for the official SDK to parse
 every answer (chat and text completions, stream and not; embeddings; models;
-the Responses API). What it answers lives in `proxy.fake_answers`, pure and
+the Responses API). What it answers lives in `proxy.testing.fake_answers`, pure and
 deterministic; this module owns the server around it: timing, holding and
 faults, the request record, the control endpoints and the command line.
 
@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.fake_answers import (
+from proxy.testing.fake_answers import (
     DONE,
     JSON,
     MODELS,
@@ -48,7 +48,7 @@ from proxy.fake_answers import (
     usage_requested,
 )
 
-__all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest", "main"]
+__all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest"]
 
 # Per-request overrides, so an out-of-process fake can be driven by its caller.
 _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
@@ -416,18 +416,3 @@ def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeS
         return replace(settings, **changes)  # type: ignore[arg-type]
     except ValueError as exc:
         raise Reject(400, f"x-fake-*: {exc}", "invalid_value") from exc
-
-
-# -- the command line ---------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`llm-sidecar fake-upstream` and `python -m proxy.fake_upstream`: see proxy.fake_workers."""
-    # Imported here because fake_workers builds on this module, not the other way round.
-    from proxy.fake_workers import main as run
-
-    return run(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
