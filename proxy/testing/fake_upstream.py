@@ -2,13 +2,20 @@
 
 It speaks the OpenAI wire format closely enough for the official SDK to parse
 every answer (chat and text completions, stream and not; embeddings; models;
-the Responses API). What it answers lives in `proxy.testing.fake_answers`, pure and
-deterministic; this module owns the server around it: timing, holding and
-faults, the request record, the control endpoints and the command line.
+the Responses API), in the dialect of each real server the proxy fronts
+(`proxy.testing.dialects`: OpenAI, Azure, vLLM, llama.cpp, Ollama, LiteLLM,
+and one that omits `[DONE]`), with LF, CR LF or CR line endings. What it
+answers lives in `proxy.testing.fake_answers`, pure and deterministic; this
+module owns the server around it: timing, holding and faults, the request
+record, the control endpoints and the command line.
 
 Tests drive it in-process (`settings`, `hold_after`/`release`, `calls`);
-an out-of-process fake is driven by `x-fake-*` request headers and the
-`/_fake/*` control endpoints.
+an out-of-process fake is driven by `x-fake-*` request headers (or the same
+knobs as `fake_*` query parameters: `x-fake-dialect: vllm` or
+`?fake_dialect=vllm`) and the `/_fake/*` control endpoints. Azure's own paths
+(`/openai/deployments/{name}/chat/completions`, `.../completions`,
+`.../embeddings`, `/openai/responses`) answer like their `/v1` twins, in the
+`azure` dialect unless a knob names another.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,40 +33,37 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.testing.dialects import DIALECT, frame
 from proxy.testing.fake_answers import (
-    DONE,
     JSON,
     MODELS,
     FakeSettings,
     Reject,
     canonical,
-    chat_chunks,
-    chat_object,
-    completion_chunks,
-    completion_object,
     embeddings_object,
     model_object,
     plan_chat,
     plan_completion,
     plan_response,
-    response_events,
-    response_object,
-    sse,
-    sse_typed,
     usage_requested,
 )
 
 __all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest"]
 
-# Per-request overrides, so an out-of-process fake can be driven by its caller.
-_HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
+# Per-request overrides, so an out-of-process fake can be driven by its caller:
+# each header also works as a query parameter (x-fake-token-delay: fake_token_delay).
+_HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-tokens": ("tokens", int),
     "x-fake-token-delay": ("token_delay", float),
     "x-fake-ttft": ("ttft", float),
     "x-fake-header-delay": ("header_delay", float),
     "x-fake-status": ("error_status", int),
     "x-fake-drop-after": ("drop_after", int),
+    "x-fake-dialect": ("dialect", str),
+    "x-fake-line-ending": ("line_ending", str),
 }
+# Azure's deployment paths, answered like their /v1 twins.
+_AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +227,7 @@ class FakeUpstream:
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         self.requests.append(RecordedRequest(request.method, request.path, headers, raw))
-        post = self._posts.get(request.path) if request.method == "POST" else None
+        post = self._posts.get(_api_path(request.path)) if request.method == "POST" else None
         if post is not None:
             self.calls[_canonical_raw(raw)] += 1
             self.calls_by_path[request.path] += 1
@@ -240,7 +245,7 @@ class FakeUpstream:
     async def _answer(
         self, request: web.Request, raw: bytes, post: _Handler | None
     ) -> web.StreamResponse:
-        settings = _with_overrides(self.settings, request.headers)
+        settings = _with_overrides(self.settings, request)
         key = settings.require_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             # Never echo the presented key back.
@@ -255,6 +260,9 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
+        if settings.dialect == "azure" and "api-version" not in request.query:
+            # What Azure answers a data-plane call without its api-version.
+            raise Reject(404, "Resource not found", "404")
         if settings.error_status is not None:
             await self._hold_whole()
             status = settings.error_status
@@ -282,25 +290,35 @@ class FakeUpstream:
     async def _chat(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
+        dialect = DIALECT[settings.dialect]
+        body = dialect.adjust(body)
         choices, usage = plan_chat(body, settings)
         meta = self._meta(body, "chatcmpl-")
-        events = [sse(c) for c in chat_chunks(meta, choices, usage, usage_requested(body))]
+        chunks = dialect.chat_chunks(meta, choices, usage, usage_requested(body))
         if body.get("stream") is True:
-            return await self._stream(request, settings, [*events, DONE])
-        return await self._whole(request, settings, len(events), chat_object(meta, choices, usage))
+            return await self._stream(request, settings, self._frames(settings, chunks))
+        whole = dialect.chat_object(meta, choices, usage)
+        return await self._whole(request, settings, len(chunks), whole)
 
     async def _completions(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
+        dialect = DIALECT[settings.dialect]
+        body = dialect.adjust(body)
         choices, usage = plan_completion(body, settings)
         meta = self._meta(body, "cmpl-")
         del meta["service_tier"]
-        chunks = completion_chunks(meta, choices, usage, usage_requested(body))
-        events = [sse(c) for c in chunks]
+        chunks = dialect.completion_chunks(meta, choices, usage, usage_requested(body))
         if body.get("stream") is True:
-            return await self._stream(request, settings, [*events, DONE])
-        whole = completion_object(meta, choices, usage)
-        return await self._whole(request, settings, len(events), whole)
+            return await self._stream(request, settings, self._frames(settings, chunks))
+        whole = dialect.completion_object(meta, choices, usage)
+        return await self._whole(request, settings, len(chunks), whole)
+
+    @staticmethod
+    def _frames(settings: FakeSettings, chunks: list[JSON]) -> list[bytes]:
+        ending = settings.line_ending
+        done = [frame(b"[DONE]", ending)] if DIALECT[settings.dialect].done else []
+        return [frame(chunk, ending) for chunk in chunks] + done
 
     async def _embeddings(
         self, request: web.Request, body: JSON, settings: FakeSettings
@@ -310,6 +328,7 @@ class FakeUpstream:
     async def _responses(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
+        dialect = DIALECT[settings.dialect]
         plan, usage = plan_response(body, settings)
         number = next(self._ids)
         meta = {
@@ -329,12 +348,13 @@ class FakeUpstream:
             "metadata": body.get("metadata") or {},
         }
         item_id = f"msg_{number}"
+        events = dialect.response_events(meta, item_id, plan, usage)
         if body.get("stream") is True:
-            events = response_events(meta, item_id, plan, usage)
-            return await self._stream(request, settings, [sse_typed(e) for e in events])
-        whole = response_object(meta, item_id, plan, usage)
-        # The stream frames the deltas with four events before and four after.
-        return await self._whole(request, settings, len(plan.pieces) + 8, whole)
+            ending = settings.line_ending
+            frames = [frame(event, ending, typed=True) for event in events]
+            return await self._stream(request, settings, frames)
+        whole = dialect.response_object(meta, item_id, plan, usage)
+        return await self._whole(request, settings, len(events), whole)
 
     # -- timing, holding and faults
 
@@ -400,10 +420,21 @@ def _json(request: web.Request, payload: JSON) -> web.Response:
     return web.Response(body=orjson.dumps(payload), headers=headers)
 
 
-def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeSettings:
-    changes: dict[str, int | float] = {}
+def _api_path(path: str) -> str:
+    """Azure's deployment paths are the /v1 endpoints under another name."""
+    azure = _AZURE_PATH.fullmatch(path)
+    if azure is not None:
+        return "/v1/" + azure.group(1)
+    return "/v1/responses" if path == "/openai/responses" else path
+
+
+def _with_overrides(settings: FakeSettings, request: web.Request) -> FakeSettings:
+    changes: dict[str, int | float | str] = {}
+    if request.path.startswith("/openai/"):
+        changes["dialect"] = "azure"
     for header, (name, parse) in _HEADER_FIELDS.items():
-        value = headers.get(header)
+        query = "fake_" + header.removeprefix("x-fake-").replace("-", "_")
+        value = request.headers.get(header, request.query.get(query))
         if value is None:
             continue
         try:
