@@ -3,6 +3,12 @@
 Bodies stream both ways; an SSE response passes through chunk by chunk.
 Used for GET /v1/models, files, unknown endpoints and routes with
 `coalesce: false`.
+
+Content codings, like nginx: a response body passes through as the upstream
+encoded it, with its `Content-Encoding` and `Content-Length` untouched (the
+caller's `Accept-Encoding` is what the upstream is asked). A request body is
+decoded by the server as it arrives (aiohttp), so it goes upstream decoded,
+without `Content-Encoding` and without the caller's encoded `Content-Length`.
 """
 
 from __future__ import annotations
@@ -56,20 +62,31 @@ async def relay(
 ) -> web.StreamResponse:
     config = route.upstream
     headers = route.upstream_headers(request.headers, request_id)
+    accept = request.headers.get("Accept-Encoding")
+    if accept is not None:
+        headers["Accept-Encoding"] = accept
     body: _LimitedBody | None = None
     if request.body_exists:
         length = request.content_length
         if length is not None:
             if length > limit:
                 raise BodyTooLarge(_too_large(limit))
-            # Known length: the upstream gets it too, rather than a chunked upload.
-            headers["Content-Length"] = str(length)
+            if "Content-Encoding" not in request.headers:
+                # Known length: the upstream gets it too, rather than a chunked upload.
+                # An encoded body arrives decoded, so its length is not this one.
+                headers["Content-Length"] = str(length)
         body = _LimitedBody(request, limit)
     session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, request.path, request.query_string)
     try:
         upstream = await open_upstream(
-            session, config, request.method, url, headers, body.chunks() if body else None
+            session,
+            config,
+            request.method,
+            url,
+            headers,
+            body.chunks() if body else None,
+            passthrough=True,
         )
     except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
@@ -83,6 +100,9 @@ async def relay(
     clean = False
     try:
         out_headers = downstream_response_headers(upstream.headers)
+        encoding = upstream.headers.get("Content-Encoding")
+        if encoding is not None:
+            out_headers["Content-Encoding"] = encoding  # the bytes below are still encoded
         out_headers["X-Request-Id"] = request_id
         out_headers[SERVED_BY] = "bypass"
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
@@ -96,8 +116,9 @@ async def relay(
             async for chunk in read_chunks(upstream, config.idle_timeout):
                 await response.write(chunk)
         except UpstreamBroken as exc:
-            if not is_sse:
-                # A cut body must look cut to the caller, not complete.
+            if not is_sse or encoding is not None:
+                # A cut body must look cut to the caller, not complete (and an
+                # encoded stream cannot take a plain error event).
                 if request.transport is not None:
                     request.transport.close()
                 return response

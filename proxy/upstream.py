@@ -63,12 +63,27 @@ async def open_upstream(
     url: str,
     headers: CIMultiDict[str],
     data: bytes | AsyncIterator[bytes] | None,
+    *,
+    passthrough: bool = False,
 ) -> aiohttp.ClientResponse:
-    """Send the request; return once response headers arrive."""
+    """Send the request; return once response headers arrive.
+
+    With `passthrough` (the relay), the body comes back as the upstream
+    encoded it: nothing is decompressed, and no `Accept-Encoding` is added
+    beyond what the caller sent, so the bytes match their `Content-Encoding`
+    and `Content-Length` for the caller. Otherwise aiohttp asks for gzip and
+    decodes it, for the proxy's own parsing.
+    """
     try:
         async with asyncio.timeout(config.first_byte_timeout):
             return await session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                auto_decompress=False if passthrough else None,  # None: the session's (True)
+                skip_auto_headers=("Accept-Encoding",) if passthrough else None,
             )
     except TimeoutError as exc:
         raise UpstreamTimeout(

@@ -64,6 +64,7 @@ class FakeSettings:
     embedding_dims: int = 8
     dialect: str = "openai"  # whose wire quirks to speak: one of DIALECTS
     line_ending: str = "lf"  # how SSE lines end: one of LINE_ENDINGS
+    compress: str | None = None  # "gzip": JSON answers compressed when the caller accepts it
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -83,6 +84,8 @@ class FakeSettings:
             raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}")
         if self.line_ending not in LINE_ENDINGS:
             raise ValueError(f"line_ending must be one of {', '.join(LINE_ENDINGS)}")
+        if self.compress not in (None, "gzip", "deflate"):
+            raise ValueError("compress must be gzip or deflate")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -96,8 +99,9 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "embedding_dims": int,
     "dialect": str,
     "line_ending": str,
+    "compress": str,
 }
-_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key"})
+_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key", "compress"})
 
 
 class Reject(Exception):

@@ -61,6 +61,7 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-drop-after": ("drop_after", int),
     "x-fake-dialect": ("dialect", str),
     "x-fake-line-ending": ("line_ending", str),
+    "x-fake-compress": ("compress", str),
 }
 # Azure's deployment paths, answered like their /v1 twins.
 _AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
@@ -253,7 +254,7 @@ class FakeUpstream:
         if settings.header_delay > 0:
             await asyncio.sleep(settings.header_delay)
         if post is None:
-            return self._get(request)
+            return self._get(request, settings)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -269,13 +270,14 @@ class FakeUpstream:
             return _error_response(status, f"The fake upstream answers {status}.")
         return await post(request, body, settings)
 
-    def _get(self, request: web.Request) -> web.Response:
+    def _get(self, request: web.Request, settings: FakeSettings) -> web.Response:
         if request.method == "GET" and request.path == "/v1/models":
             data = [model_object(name) for name in MODELS]
-            return _json(request, {"object": "list", "data": data})
+            return _json(request, {"object": "list", "data": data}, settings)
         if request.method == "GET" and request.path.startswith("/v1/models/"):
             # Any model exists: the fake answers for whatever model it is asked.
-            return _json(request, model_object(request.path.removeprefix("/v1/models/")))
+            model = model_object(request.path.removeprefix("/v1/models/"))
+            return _json(request, model, settings)
         raise Reject(404, f"Invalid URL ({request.method} {request.path})", "unknown_url")
 
     def _meta(self, body: JSON, prefix: str) -> JSON:
@@ -401,7 +403,7 @@ class FakeUpstream:
         await self._hold_whole()
         if settings.drop_after is not None:
             _abort(request)
-        return _json(request, payload)
+        return _json(request, payload, settings)
 
 
 def _abort(request: web.Request) -> None:
@@ -415,9 +417,14 @@ def _request_id(request: web.Request) -> dict[str, str]:
     return {"x-request-id": request.headers.get("x-request-id") or f"req_{secrets.token_hex(8)}"}
 
 
-def _json(request: web.Request, payload: JSON) -> web.Response:
+def _json(request: web.Request, payload: JSON, settings: FakeSettings) -> web.Response:
     headers = {"Content-Type": "application/json", **_request_id(request)}
-    return web.Response(body=orjson.dumps(payload), headers=headers)
+    response = web.Response(body=orjson.dumps(payload), headers=headers)
+    accepted = request.headers.get("Accept-Encoding", "")
+    if settings.compress is not None and settings.compress in accepted:
+        # Sent with its compressed Content-Length, as api.openai.com does for JSON.
+        response.enable_compression(web.ContentCoding(settings.compress))
+    return response
 
 
 def _api_path(path: str) -> str:
