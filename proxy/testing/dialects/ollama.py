@@ -58,8 +58,8 @@ class Ollama(Dialect):
         # Each call's `index` is always 0: a fold cannot (and need not) say it.
         choices = []
         for c in whole["choices"]:
-            message = c.get("message", {})
-            if "tool_calls" in message:
+            message = c.get("message") or {}
+            if message.get("tool_calls"):
                 calls = [
                     {k: v for k, v in t.items() if k != "index"} for t in message["tool_calls"]
                 ]
