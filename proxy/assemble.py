@@ -124,14 +124,17 @@ class _ToolCalls:
         call = self.at.get(index)
         new_id = delta.get("id")
         if call is None or (new_id and call["id"] and new_id != call["id"]):
-            call = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            call = {"id": None, "type": None, "function": {"name": "", "arguments": ""}}
             self.calls.append((index, call))
             self.at[index] = call
         _merge(call, {name: value for name, value in delta.items() if name != "index"})
 
     def result(self) -> list[JSON]:
         # Stable: calls that shared one index keep the order they came in.
-        return [call for _, call in sorted(self.calls, key=lambda pair: pair[0])]
+        calls = [call for _, call in sorted(self.calls, key=lambda pair: pair[0])]
+        for call in calls:
+            call["type"] = call["type"] or "function"
+        return calls
 
 
 def assemble_chat(chunks: Iterable[JSON]) -> JSON:
@@ -144,22 +147,26 @@ def assemble_chat(chunks: Iterable[JSON]) -> JSON:
             index = part.get("index", 0)
             choice = choices.get(index)
             if choice is None:
-                choice = choices[index] = {
-                    "index": index,
-                    "message": {"role": "assistant", "content": None},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
+                # `logprobs` appears as the stream says it (llama.cpp and Ollama never do).
+                message = {"role": None, "content": None}
+                choice = choices[index] = {"index": index, "message": message}
+                choice["finish_reason"] = None
             delta = part.get("delta") or {}
             calls = delta.get("tool_calls")
             if calls:
                 merged = tools.setdefault(index, _ToolCalls())
                 for call in calls:
                     merged.merge(call)
-            _merge(choice["message"], {k: v for k, v in delta.items() if k != "tool_calls"})
+            # Calls merge by index and id; `tool_calls: []` or null is just a value.
+            _merge(
+                choice["message"],
+                {k: v for k, v in delta.items() if k != "tool_calls" or not calls},
+            )
             _choice_fields(choice, part)
-    for index, merged in tools.items():
-        choices[index]["message"]["tool_calls"] = merged.result()
+    for index, choice in choices.items():
+        choice["message"]["role"] = choice["message"]["role"] or "assistant"
+        if index in tools:
+            choice["message"]["tool_calls"] = tools[index].result()
     return _finish(top, "chat.completion", [choices[i] for i in sorted(choices)])
 
 
@@ -170,9 +177,7 @@ def assemble_completion(chunks: Iterable[JSON]) -> JSON:
         _top_fields(chunk, top)
         for part in chunk.get("choices") or ():
             index = part.get("index", 0)
-            choice = choices.setdefault(
-                index, {"text": "", "index": index, "logprobs": None, "finish_reason": None}
-            )
+            choice = choices.setdefault(index, {"text": "", "index": index, "finish_reason": None})
             choice["text"] += part.get("text") or ""
             _choice_fields(choice, part)
     return _finish(top, "text_completion", [choices[i] for i in sorted(choices)])

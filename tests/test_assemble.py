@@ -71,12 +71,13 @@ def test_a_tool_call_name_repeated_in_every_delta_is_set_once() -> None:
     # llama.cpp server (before ggml-org/llama.cpp#13800) repeats the name in every delta.
     def piece(arguments: str) -> dict[str, Any]:
         call = {"index": 0, "id": "call_1", "type": "function"}
-        return _chunk({"tool_calls": [{**call, "function": {"name": "get_weather", **arguments}}]})
+        function = {"name": "get_weather", "arguments": arguments}
+        return _chunk({"tool_calls": [{**call, "function": function}]})
 
     message = _message(
         [
-            piece({"arguments": '{"location": '}),
-            piece({"arguments": '"Paris"}'}),
+            piece('{"location": '),
+            piece('"Paris"}'),
             _chunk({}, finish="tool_calls"),
         ]
     )
@@ -214,8 +215,9 @@ def _item(n: int) -> dict[str, Any]:
 
 
 def test_a_responses_object_is_rebuilt_from_its_items_when_the_snapshot_has_none() -> None:
-    response = {"id": "resp_1", "object": "response", "status": "completed", "output": []}
-    events = [
+    response: dict[str, Any] = {"id": "resp_1", "object": "response", "status": "completed"}
+    response["output"] = []
+    events: list[dict[str, Any]] = [
         {"type": "response.created", "response": {**response, "status": "in_progress"}},
         {"type": "response.output_item.done", "output_index": 1, "item": _item(1)},
         {"type": "response.output_item.done", "output_index": 0, "item": _item(0)},
@@ -228,8 +230,8 @@ def test_a_responses_object_is_rebuilt_from_its_items_when_the_snapshot_has_none
 
 
 def test_a_responses_snapshot_with_output_is_kept_as_sent() -> None:
-    response = {"id": "resp_1", "status": "completed", "output": [_item(9)]}
-    events = [
+    response: dict[str, Any] = {"id": "resp_1", "status": "completed", "output": [_item(9)]}
+    events: list[dict[str, Any]] = [
         {"type": "response.output_item.done", "output_index": 0, "item": _item(0)},
         {"type": "response.completed", "response": response},
     ]
