@@ -109,22 +109,15 @@ def known_gap(case: Case) -> str | None:
     """Why this case still differs today, naming the item that fixes it; None: it must pass."""
     streamed = case.endpoint in ("chat", "completions")
     if case.dialect == "no_done" and streamed:
-        return (
-            "issue 11 item 5 (phase 2): the pump calls a stream that ends without [DONE] "
-            "broken, though every choice finished"
-        )
+        return "issue 11 item 5 (phase 2): a stream that ends without [DONE] is called broken"
     if case.dialect == "litellm" and streamed and case.mode == "stream":
+        # The pump should withhold what assemble.is_usage_chunk says is the usage chunk.
         return (
-            "issue 11 item 3 (phase 2): the pump withholds only a `choices: []` usage chunk; "
-            "LiteLLM's has an empty-delta choice, so a caller who did not ask gets it "
-            "(assemble.is_usage_chunk is the predicate to use)"
+            "issue 11 item 3 (phase 2): the pump withholds only `choices: []` usage, not LiteLLM's"
         )
     if case.dialect == "llamacpp" and case.endpoint == "chat" and case.mode == "stream":
-        return (
-            "issue 11 phase 2 / issue 10: the proxy adds include_usage upstream, and "
-            "llama.cpp then puts `timings` on the usage chunk the proxy withholds, not on "
-            "the last chunk a direct caller sees"
-        )
+        # With include_usage llama.cpp moves `timings` from the last chunk to the usage chunk.
+        return "issue 11 phase 2: llama.cpp's timings ride the usage chunk the proxy withholds"
     return None
 
 

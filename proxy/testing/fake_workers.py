@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 
-from proxy.testing.fake_answers import FakeSettings
+from proxy.testing.fake_answers import DIALECTS, LINE_ENDINGS, FakeSettings
 from proxy.testing.fake_upstream import FakeUpstream
 
 __all__ = ["main"]
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--header-delay", type=float, default=0.0)
     parser.add_argument("--require-key", default=None)
     parser.add_argument(
+        "--dialect", default="openai", choices=DIALECTS, help="whose wire quirks to speak"
+    )
+    parser.add_argument("--line-ending", default="lf", choices=tuple(LINE_ENDINGS))
+    parser.add_argument(
         "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
     )
     return parser
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             ttft=args.ttft,
             header_delay=args.header_delay,
             require_key=args.require_key,
+            dialect=args.dialect,
+            line_ending=args.line_ending,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
