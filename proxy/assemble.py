@@ -32,12 +32,22 @@ JSON = dict[str, Any]
 
 # Identifiers repeat (whole) in every piece that carries them; they are never pieces.
 _SET_ONCE = frozenset({"id", "name", "type", "role", "call_id", "object", "model"})
-_CHUNK_OWN = frozenset({"choices", "object"})
+_LAST = frozenset({"choices", "object", "usage"})  # set by _finish, in this order
 _CHOICE_OWN = frozenset({"index", "delta", "logprobs", "finish_reason", "text"})
 
 
+class _Pieces(list[str]):
+    """A string still arriving in pieces; joined once, when the fold is done."""
+
+
+_MISSING = object()
+
+
 def _empty(value: Any) -> bool:
-    return value is None or value == "" or value == {} or value == []
+    if value is None:
+        return True
+    kind = type(value)
+    return (kind is str or kind is dict or kind is list) and not value
 
 
 def _keep_latest(target: JSON, name: str, value: Any) -> None:
@@ -49,30 +59,49 @@ def _keep_latest(target: JSON, name: str, value: Any) -> None:
 def _top_fields(chunk: JSON, top: JSON) -> None:
     """Fields of the whole answer (id, model, created, usage, timings...)."""
     for name, value in chunk.items():
-        if name in _CHUNK_OWN:
-            continue
-        if value == 0 and type(value) is int and name in top:
-            continue  # Azure's filter chunks say `created: 0`
-        _keep_latest(top, name, value)
+        old = top.get(name, _MISSING)
+        if old is _MISSING:
+            top[name] = value
+        elif value == old or value is None or name == "choices":
+            continue  # most fields repeat in every chunk
+        elif not _empty(value) and not (value == 0 and type(value) is int):
+            top[name] = value  # but not Azure's blank `id: ""`, `created: 0`
 
 
 def _merge(target: JSON, piece: JSON) -> None:
     """Fold one streamed piece (a delta, or a part of one) into `target`."""
     for name, value in piece.items():
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             current = target.get(name)
             if name in _SET_ONCE:
                 if not current:
                     target[name] = value
+            elif type(current) is _Pieces:
+                current.append(value)
             else:
-                target[name] = (current if isinstance(current, str) else "") + value
-        elif isinstance(value, dict):
+                target[name] = _Pieces((current, value) if type(current) is str else (value,))
+        elif kind is dict:
             inner = target.get(name)
-            if not isinstance(inner, dict):
+            if type(inner) is not dict:
                 inner = target[name] = {}
             _merge(inner, value)
         else:
             _keep_latest(target, name, value)
+
+
+def _settle(value: Any) -> Any:
+    """Join the pieces of every string still arriving, in place."""
+    if type(value) is dict:
+        for name, inner in value.items():
+            if type(inner) is _Pieces:
+                value[name] = "".join(inner)
+            elif type(inner) is dict or type(inner) is list:
+                _settle(inner)
+    elif type(value) is list:
+        for inner in value:
+            _settle(inner)
+    return value
 
 
 def _merge_logprobs(choice: JSON, logprobs: Any) -> None:
@@ -84,7 +113,11 @@ def _merge_logprobs(choice: JSON, logprobs: Any) -> None:
         merged = choice["logprobs"] = {}
     for name, value in logprobs.items():
         if isinstance(value, list):
-            merged[name] = (merged.get(name) or []) + value  # one entry per token
+            entries = merged.get(name)
+            if isinstance(entries, list):
+                entries.extend(value)  # one entry per token
+            else:
+                merged[name] = list(value)  # a copy: the chunk's own list stays as it was
         else:
             _keep_latest(merged, name, value)
 
@@ -94,14 +127,18 @@ def _choice_fields(choice: JSON, part: JSON) -> None:
     for name, value in part.items():
         if name not in _CHOICE_OWN:
             _keep_latest(choice, name, value)
-    if "logprobs" in part:
-        _merge_logprobs(choice, part["logprobs"])
-    if part.get("finish_reason") is not None:
-        choice["finish_reason"] = part["finish_reason"]
+    logprobs = part.get("logprobs", _MISSING)
+    if logprobs is None:
+        choice.setdefault("logprobs", None)
+    elif logprobs is not _MISSING:
+        _merge_logprobs(choice, logprobs)
+    finish = part.get("finish_reason")
+    if finish is not None:
+        choice["finish_reason"] = finish
 
 
 def _finish(top: JSON, kind: str, choices: list[JSON]) -> JSON:
-    out = {name: value for name, value in top.items() if name != "usage"}
+    out = {name: value for name, value in top.items() if name not in _LAST}
     out["object"] = kind
     out["choices"] = choices
     out["usage"] = top.get("usage")
@@ -164,9 +201,10 @@ def assemble_chat(chunks: Iterable[JSON]) -> JSON:
             )
             _choice_fields(choice, part)
     for index, choice in choices.items():
-        choice["message"]["role"] = choice["message"]["role"] or "assistant"
+        message = _settle(choice["message"])
+        message["role"] = message["role"] or "assistant"
         if index in tools:
-            choice["message"]["tool_calls"] = tools[index].result()
+            message["tool_calls"] = _settle(tools[index].result())
     return _finish(top, "chat.completion", [choices[i] for i in sorted(choices)])
 
 
@@ -177,10 +215,15 @@ def assemble_completion(chunks: Iterable[JSON]) -> JSON:
         _top_fields(chunk, top)
         for part in chunk.get("choices") or ():
             index = part.get("index", 0)
-            choice = choices.setdefault(index, {"text": "", "index": index, "finish_reason": None})
-            choice["text"] += part.get("text") or ""
+            choice = choices.get(index)
+            if choice is None:
+                choice = choices[index] = {"text": _Pieces(), "index": index}
+                choice["finish_reason"] = None
+            text = part.get("text")
+            if text:
+                choice["text"].append(text)
             _choice_fields(choice, part)
-    return _finish(top, "text_completion", [choices[i] for i in sorted(choices)])
+    return _finish(top, "text_completion", [_settle(choices[i]) for i in sorted(choices)])
 
 
 def is_usage_chunk(chunk: JSON) -> bool:
