@@ -32,7 +32,7 @@ JSON = dict[str, Any]
 
 # Identifiers repeat (whole) in every piece that carries them; they are never pieces.
 _SET_ONCE = frozenset({"id", "name", "type", "role", "call_id", "object", "model"})
-_LAST = frozenset({"choices", "object", "usage"})  # set by _finish, in this order
+_LAST = frozenset({"choices", "object", "usage"})  # _finish puts these last
 _CHOICE_OWN = frozenset({"index", "delta", "logprobs", "finish_reason", "text"})
 
 
@@ -195,10 +195,9 @@ def assemble_chat(chunks: Iterable[JSON]) -> JSON:
                 for call in calls:
                     merged.merge(call)
             # Calls merge by index and id; `tool_calls: []` or null is just a value.
-            _merge(
-                choice["message"],
-                {k: v for k, v in delta.items() if k != "tool_calls" or not calls},
-            )
+            if calls:
+                delta = {k: v for k, v in delta.items() if k != "tool_calls"}
+            _merge(choice["message"], delta)
             _choice_fields(choice, part)
     for index, choice in choices.items():
         message = _settle(choice["message"])
