@@ -32,10 +32,11 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if trail is not None:
             trail.route = route.index
         policy = snapshot.loaded.policy
-        if not route.coalesces(request.method, request.path):
+        endpoint = route.endpoint(request.method, request.path)
+        if endpoint is None:
             return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
         raw = await read_body(request, policy.limits.max_body_bytes)
-        intake = coalescible_intake(request, route, raw, request_id)
+        intake = coalescible_intake(request, route, endpoint, raw, request_id)
         return await coalesce(request, intake, rt, policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)
@@ -44,7 +45,6 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
 async def coalesce(
     request: web.Request, intake: Intake, rt: Runtime, settings: StreamSettings
 ) -> web.StreamResponse:
-    assert intake.key is not None
     if intake.cache_read:
         answer = await rt.cache.lookup(intake.key)
         if answer is not None:

@@ -11,47 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from proxy.assemble import (
-    RESPONSE_TERMINAL,
-    assemble_chat,
-    assemble_completion,
-    assemble_response,
-    choices_finished,
-)
 from proxy.cache.base import CachedAnswer
+from proxy.classify import Ending, EventClassifier
+from proxy.endpoint import Endpoint
 from proxy.errors import ProxyError, ShuttingDown, UpstreamBroken
 from proxy.headers import downstream_response_headers
 from proxy.intake import Intake
 from proxy.prepare import Outgoing, run_steps
 from proxy.runtime import Runtime
-from proxy.sse import DONE, SSEDecoder
+from proxy.sse import SSEDecoder
 from proxy.stream import Head, LogEvent, Stream
 from proxy.upstream import open_upstream, read_chunks, upstream_url
 
 log = logging.getLogger("llm_sidecar.pump")
-
-_STREAMED_UPSTREAM = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-_WITH_USAGE = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
-def upstream_body(path: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Ask for a stream (with usage) so stream and non-stream callers share one call."""
-    if path not in _STREAMED_UPSTREAM:
-        return body
-    out = {**body, "stream": True}
-    if path in _WITH_USAGE:
-        options = body.get("stream_options")
-        out["stream_options"] = {
-            **(options if isinstance(options, dict) else {}),
-            "include_usage": True,
-        }
-    return out
 
 
 async def pump(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict[str]) -> None:
@@ -70,7 +47,7 @@ async def _store(rt: Runtime, stream: Stream, intake: Intake) -> None:
     upstream again.
     """
     config = intake.route.config.cache
-    if not (stream.complete and intake.cache_write and intake.key is not None):
+    if not (stream.complete and intake.cache_write):
         return
     if config is None or config.ttl <= 0:
         return
@@ -84,15 +61,14 @@ async def _run(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict
     holder = intake.request_id
     try:
         async with rt.stages.leader.slot(holder):
-            if intake.cache_read and intake.key is not None:
+            if intake.cache_read:
                 # The answer may have landed while we queued for the slot.
                 answer = await rt.cache.lookup(intake.key)
                 if answer is not None:
                     replay_answer(stream, answer)
                     return
-            assert intake.body is not None
             outgoing = await run_steps(
-                intake.route.steps, Outgoing(intake.path, intake.body, headers)
+                intake.route.steps, Outgoing(intake.path, intake.endpoint, intake.body, headers)
             )
         # The leader slot is released here: a long stream never blocks the
         # preparation of the next request.
@@ -124,7 +100,7 @@ async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: 
     config = route.upstream
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
-    body = upstream_body(outgoing.path, outgoing.body)
+    body = outgoing.endpoint.upstream_body(outgoing.body)
     session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, outgoing.path, intake.query)
     try:
@@ -148,7 +124,7 @@ async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: 
                 stream.fail_before_head(head)
         else:
             stream.open(Head(response.status, down, is_sse=True))
-            await _pump_events(stream, outgoing.path, response, config.idle_timeout)
+            await _pump_events(stream, outgoing.endpoint, response, config.idle_timeout)
         clean = True
     finally:
         if clean:
@@ -158,53 +134,20 @@ async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: 
 
 
 async def _pump_events(
-    stream: Stream, path: str, response: aiohttp.ClientResponse, idle_timeout: float
+    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, idle_timeout: float
 ) -> None:
     decoder = SSEDecoder()
-    payloads: list[dict[str, Any]] = []
-    seen_done = False
-    terminal = False
-    upstream_error = False
+    classifier = EventClassifier(endpoint)
     async for chunk in read_chunks(response, idle_timeout):
-        batch: list[LogEvent] = []
-        for event in decoder.feed(chunk):
-            parsed: Any = None
-            if event.data == DONE:
-                seen_done = True
-            else:
-                try:
-                    parsed = orjson.loads(event.data)
-                except orjson.JSONDecodeError:
-                    parsed = None
-            usage_only = False
-            if isinstance(parsed, dict):
-                payloads.append(parsed)
-                if "error" in parsed:
-                    upstream_error = True
-                elif parsed.get("type") in RESPONSE_TERMINAL:
-                    terminal = True
-                usage_only = parsed.get("choices") == [] and parsed.get("usage") is not None
-            batch.append(LogEvent(event.raw, parsed, usage_only))
-        stream.append(batch)
-    whole = terminal if path == "/v1/responses" else seen_done
-    if not whole and not upstream_error:
+        stream.append([classifier.feed(event) for event in decoder.feed(chunk)])
+    outcome = classifier.finish()
+    if outcome.ending is Ending.TRUNCATED:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
-    complete = not upstream_error
-    if complete:
-        if path == "/v1/chat/completions":
-            complete = choices_finished(payloads)
-            stream.assembled = orjson.dumps(assemble_chat(payloads))
-        elif path == "/v1/completions":
-            complete = choices_finished(payloads)
-            stream.assembled = orjson.dumps(assemble_completion(payloads))
-        elif path == "/v1/responses":
-            final = assemble_response(payloads)
-            complete = final is not None and final.get("status") == "completed"
-            stream.assembled = orjson.dumps(final) if final is not None else None
-    error = (
-        None if not upstream_error else UpstreamBroken("llm-sidecar: the upstream sent an error")
-    )
-    stream.end(complete=complete, error=error)
+    stream.assembled = outcome.assembled
+    error = None
+    if outcome.ending is Ending.UPSTREAM_ERROR:
+        error = UpstreamBroken("llm-sidecar: the upstream sent an error")
+    stream.end(complete=outcome.ending is Ending.COMPLETE, error=error)
 
 
 def answer_of(stream: Stream) -> CachedAnswer:
