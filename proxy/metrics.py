@@ -27,10 +27,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
+from proxy.headers import Served
+
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
-SERVED = ("lead", "follow", "hit", "bypass", "none")
+SERVED = (*(served.value for served in Served), "none")
 STAGES = ("leader", "follower", "upstream")
 # Upstream status label for a call that got no response at all.
 NO_RESPONSE = "error"

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
-from proxy.headers import downstream_response_headers
-from proxy.reply import SERVED_BY
+from proxy.headers import SERVED_BY, Served, downstream_response_headers
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
@@ -79,12 +78,12 @@ async def relay(
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)
     if trail is not None:
-        trail.served, trail.upstream = "bypass", upstream.status
+        trail.served, trail.upstream = Served.BYPASS, upstream.status
     clean = False
     try:
         out_headers = downstream_response_headers(upstream.headers)
         out_headers["X-Request-Id"] = request_id
-        out_headers[SERVED_BY] = "bypass"
+        out_headers[SERVED_BY] = Served.BYPASS
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         is_sse = upstream.content_type == "text/event-stream"
         if upstream.content_length is not None and not is_sse:

@@ -19,6 +19,7 @@ import pytest
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, wait_idle
 from tests.redis_server import RedisServer
+from tests.stage_recorder import record_stages
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "cache me"}]}
 
@@ -223,7 +224,7 @@ async def test_hits_do_not_queue_behind_busy_stages(
                 < 2
             ):
                 await asyncio.sleep(0.01)
-        recorder = proxy.runtime.record_stages()
+        recorder = record_stages(proxy.runtime)
         async with asyncio.timeout(30):
             hits = await asyncio.gather(*(post(session, url, CHAT) for _ in range(1000)))
         assert all(status == 200 and h["x-llm-sidecar"] == "hit" for status, h, _ in hits)

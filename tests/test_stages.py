@@ -16,6 +16,7 @@ import orjson
 from proxy.limiter import StageEvent
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import Hook, StartProxy, post, wait_idle
+from tests.stage_recorder import record_stages
 
 
 def _policy(
@@ -57,7 +58,7 @@ async def test_seed_scenario_third_request_prepares_after_one_second_not_six(
     proxy = await start_proxy(
         _policy(hook, {"max_concurrency": 2, "max_queue": 8, "queue_timeout": "30s"})
     )
-    recorder = proxy.runtime.record_stages()
+    recorder = record_stages(proxy.runtime)
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         tasks = []
