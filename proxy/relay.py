@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
@@ -53,6 +54,20 @@ async def relay(
     rt: Runtime,
     limit: int,
 ) -> web.StreamResponse:
+    # The session is held until the response is relayed: a reload that
+    # replaces the upstream closes it only after.
+    with rt.pool.lease(route.upstream_name, route.upstream) as session:
+        return await _relay(request, route, request_id, rt, limit, session)
+
+
+async def _relay(
+    request: web.Request,
+    route: CompiledRoute,
+    request_id: str,
+    rt: Runtime,
+    limit: int,
+    session: aiohttp.ClientSession,
+) -> web.StreamResponse:
     config = route.upstream
     headers = route.upstream_headers(request.headers, request_id)
     body: _LimitedBody | None = None
@@ -64,7 +79,6 @@ async def relay(
             # Known length: the upstream gets it too, rather than a chunked upload.
             headers["Content-Length"] = str(length)
         body = _LimitedBody(request, limit)
-    session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, request.path, request.query_string)
     try:
         upstream = await open_upstream(

@@ -76,6 +76,7 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
+    rt.pool.retain(new.upstreams)  # sessions for replaced upstreams close once idle
     if cache is not None:
         # Lookups already in the old lane end as misses; its pending writes
         # get their grace while it closes in the background.

@@ -26,18 +26,21 @@ from proxy.upstream import open_upstream, read_chunks, upstream_url
 
 async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) -> None:
     """Under an upstream slot: send `outgoing`, log the answer into `stream`."""
+    route = intake.route
     async with rt.stages.upstream.slot(intake.request_id):
-        response = await open_call(rt, intake, outgoing)
-        await relay_into(stream, outgoing.endpoint, response, intake.route.upstream.idle_timeout)
+        with rt.pool.lease(route.upstream_name, route.upstream) as session:
+            response = await open_call(rt, session, intake, outgoing)
+            await relay_into(stream, outgoing.endpoint, response, route.upstream.idle_timeout)
 
 
-async def open_call(rt: Runtime, intake: Intake, outgoing: Outgoing) -> aiohttp.ClientResponse:
+async def open_call(
+    rt: Runtime, session: aiohttp.ClientSession, intake: Intake, outgoing: Outgoing
+) -> aiohttp.ClientResponse:
     route = intake.route
     config = route.upstream
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
     body = outgoing.endpoint.upstream_body(outgoing.body)
-    session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, outgoing.path, intake.query)
     try:
         response = await open_upstream(session, config, "POST", url, headers, orjson.dumps(body))
