@@ -26,6 +26,15 @@ from proxy.stream import Head, PushReader, Stream, frame_events
 from proxy.trail import trail_of
 
 _KEEPALIVE_FRAME = chunk_frame(COMMENT_KEEPALIVE)
+
+# Fan-out writes frames straight to the transport after `send_headers`, an
+# aiohttp internal (pinned in pyproject.toml; tests/test_aiohttp_writer.py).
+# Refuse to start rather than corrupt streams on an aiohttp without it.
+if not callable(getattr(StreamWriter, "send_headers", None)):
+    raise ImportError(
+        "llm-sidecar: aiohttp's StreamWriter.send_headers is gone; fan-out needs it."
+        " Install the aiohttp series pyproject.toml pins."
+    )
 _DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
 
 
