@@ -246,4 +246,5 @@ async def test_reload_swaps_the_cache_when_its_settings_change(
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "lead"
         await rt.cache.flush()  # type: ignore[attr-defined]
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
-    assert old.stats().in_lane == 0  # type: ignore[attr-defined]
+    stats = old.stats()
+    assert stats is not None and stats.in_lane == 0
