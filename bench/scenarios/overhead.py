@@ -20,6 +20,7 @@ from bench.common import (
     Context,
     Section,
     Target,
+    added_text,
     describe_counts,
     diff_counts,
     median,
@@ -202,8 +203,10 @@ def _rows(section: Section, cells: dict[tuple[str, int], Cell], hops: dict[str, 
                     ratio(cell.med("rps"), direct.med("rps")),
                     num(cell.med("p50_ms"), 3),
                     num(cell.med("p99_ms"), 3),
-                    "—" if name == "direct" else num(added50, 3),
-                    "—" if name == "direct" else num(added99, 3),
+                    # One wrk run per round gives no spread to estimate noise
+                    # from; only the impossible negative cost is named as noise.
+                    "—" if name == "direct" else added_text(added50, 0.0, 3),
+                    "—" if name == "direct" else added_text(added99, 0.0, 3),
                     num(cell.cpu_us_per_request, 0),
                     num(
                         cell.cpu_us_per_request
