@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(error: PolicyError) -> None:
+    for line in error.lines():
+        print(f"error: {line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["fake-upstream"]:
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
             compile_policy(loaded, HookSession())
         except PolicyError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _report(exc)
             return 2
         print(f"ok: {args.file} (version {loaded.version})")
         return 0
@@ -48,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_policy(path)
     except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     from proxy.app import serve
 
     try:
         serve(loaded, args.host, args.port)
     except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     return 0
 

@@ -15,23 +15,48 @@ BROKEN = sorted((Path(__file__).parent / "policies" / "broken").glob("*.yaml"))
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _expected(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: ")
-    return first.removeprefix("# expect: ")
+def _expected(path: Path) -> list[str]:
+    """The fixture's `# expect:` lines: each a prefix of one error line, in order."""
+    lines = path.read_text().splitlines()
+    expected = [line.removeprefix("# expect: ") for line in lines if line.startswith("# expect: ")]
+    assert expected and lines[0].startswith("# expect: ")
+    return expected
 
 
-@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
-def test_broken_policy_names_file_path_and_reason(path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", str(path)],
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
         capture_output=True,
         text=True,
         check=False,
         env={"PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL,
+        timeout=60,
     )
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_broken_policy_names_file_path_and_reason(path: Path) -> None:
+    """Every problem in the file, one `error: FILE: PATH: REASON` line each, nothing else."""
+    result = _run("check", str(path))
     assert result.returncode == 2, result.stdout
-    assert result.stderr.startswith(f"error: {path}: {_expected(path)}"), result.stderr
+    lines = result.stderr.splitlines()
+    expected = _expected(path)
+    assert len(lines) == len(expected), result.stderr
+    for line, prefix in zip(lines, expected, strict=True):
+        assert line.startswith(f"error: {path}: {prefix}"), result.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["missing_password_env", "missing_key_env", "bad_redis_url", "every_variable_at_once"]
+)
+def test_serve_refuses_exactly_what_check_refuses(name: str) -> None:
+    """`check` and `serve` share one validation path: the same file fails both, alike."""
+    path = Path(__file__).parent / "policies" / "broken" / f"{name}.yaml"
+    checked = _run("check", str(path))
+    served = _run("serve", "--policy", str(path), "--port", "0")
+    assert checked.returncode == served.returncode == 2
+    assert served.stderr == checked.stderr
 
 
 def test_broken_fixture_suite_is_not_empty() -> None:
