@@ -33,8 +33,6 @@ _DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
 def error_response(error: ProxyError, request_id: str, served: str | None = None) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    if served is not None:
-        headers[SERVED_BY] = served
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 
