@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 
+from proxy import __version__
 from proxy.policy import PolicyError, load_policy
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a checkout."""
+    try:
+        return metadata.version("llm-sidecar")
+    except metadata.PackageNotFoundError:
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument(
@@ -19,9 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
-    check = sub.add_parser("check", help="validate a policy file without serving")
-    check.add_argument("file")
-    sub.add_parser("fake-upstream", help="run the fake OpenAI-compatible upstream", add_help=False)
+    check = sub.add_parser(
+        "check",
+        help="validate a policy file without serving",
+        description="Validate a policy file exactly as `serve` would, without serving: the YAML, "
+        "the schema, the cross-references, and every environment variable the policy names "
+        "(api_key_env, prepare steps' env, cache.password_env). Prints `ok: FILE (version V)` "
+        "and exits 0, or one `error: FILE: PATH: REASON` line per problem and exits 2.",
+    )
+    check.add_argument(
+        "file", metavar="FILE", help="the policy YAML to validate, e.g. policies/default.yaml"
+    )
+    sub.add_parser(
+        "fake-upstream",
+        help="run a fake OpenAI-compatible upstream (see `fake-upstream --help` for its knobs)",
+        add_help=False,
+    )
     return parser
 
 
