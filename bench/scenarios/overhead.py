@@ -233,6 +233,12 @@ def _added(cells: dict[tuple[str, int], Cell], name: str, conc: int, attr: str) 
     return cells[(name, conc)].med(attr) - cells[("direct", conc)].med(attr)
 
 
+def _shown(added_ms: float, digits: int = 3) -> str:
+    """An added latency for a headline: a negative one is noise, never a saving."""
+    text = added_text(added_ms, 0.0, digits)
+    return text if text in ("n/a", "within noise") else f"{text} ms"
+
+
 def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
     side50 = _added(cells, "llm-sidecar", 1, "p50_ms")
     bare50 = _added(cells, "bare relay", 1, "p50_ms")
@@ -259,8 +265,8 @@ def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
     direct16 = cells[("direct", 16)].med("rps")
     nginx50 = _added(cells, "nginx", 1, "p50_ms")
     section.headline.append(
-        f"Overhead (c=1, added p50): nginx {nginx50:.3f} ms, bare relay {bare50:.3f} ms, "
-        f"llm-sidecar {side50:.3f} ms ({p50_ratio:.2f}x bare). c=16 req/s: direct "
+        f"Overhead (c=1, added p50): nginx {_shown(nginx50)}, bare relay {_shown(bare50)}, "
+        f"llm-sidecar {_shown(side50)} ({p50_ratio:.2f}x bare). c=16 req/s: direct "
         f"{direct16:,.0f}, bare relay {bare_rps:,.0f}, llm-sidecar {side_rps:,.0f} "
         f"({rps_ratio:.2f}x bare)."
     )
@@ -268,7 +274,7 @@ def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
         lite50 = _added(cells, "LiteLLM", 1, "p50_ms")
         lite_rps = cells[("LiteLLM", 16)].med("rps")
         section.headline.append(
-            f"LiteLLM proxy: added p50 {lite50:.2f} ms at c=1, {lite_rps:,.0f} req/s at c=16 "
+            f"LiteLLM proxy: added p50 {_shown(lite50, 2)} at c=1, {lite_rps:,.0f} req/s at c=16 "
             f"({lite_rps / side_rps if side_rps else math.nan:.2f}x llm-sidecar)."
         )
 
