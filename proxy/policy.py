@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.policy_messages import PathError, problems_of
 from proxy.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -202,33 +203,35 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Policy:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         for index, route in enumerate(self.routes):
             if route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
-                raise _PathError(
-                    ("routes", index, "upstream"),
-                    f"unknown upstream {route.upstream!r} (defined: {known})",
+                problems.append(
+                    (
+                        ("routes", index, "upstream"),
+                        f"unknown upstream {route.upstream!r} (defined: {known})",
+                    )
                 )
         last = self.routes[-1].match
         if last.path not in ("*", "/*", "/v1/*") or last.methods is not None:
-            raise _PathError(
-                ("routes", len(self.routes) - 1, "match"),
-                'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
+            problems.append(
+                (
+                    ("routes", len(self.routes) - 1, "match"),
+                    'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
+                )
             )
+        if problems:
+            raise PathError(problems)
         return self
 
 
-class _PathError(ValueError):
-    """A cross-field error that knows where in the file it belongs."""
-
-    def __init__(self, loc: tuple[str | int, ...], reason: str) -> None:
-        super().__init__(reason)
-        self.loc = loc
-        self.reason = reason
-
-
 class PolicyError(Exception):
-    """A policy that cannot be used: which file, where inside it, and why."""
+    """A policy that cannot be used: which file, and every problem in it (where, why).
+
+    `path` and `reason` are the first problem's; `problems` holds them all, so
+    one run of `llm-sidecar check` (or one rejected reload) lists everything.
+    """
 
     # A plain class, not a frozen dataclass: the runtime sets __traceback__
     # and __context__ on exceptions, which a frozen instance refuses.
@@ -237,9 +240,20 @@ class PolicyError(Exception):
         self.file = file
         self.path = path
         self.reason = reason
+        self.problems: tuple[tuple[str, str], ...] = ((path, reason),)
+
+    @classmethod
+    def of(cls, file: str, problems: list[tuple[str, str]]) -> PolicyError:
+        error = cls(file, *problems[0])
+        error.problems = tuple(problems)
+        return error
+
+    def lines(self) -> list[str]:
+        """One `file: path: reason` line per problem."""
+        return [f"{self.file}: {path}: {reason}" for path, reason in self.problems]
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.path}: {self.reason}"
+        return "\n".join(self.lines())
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,16 +263,6 @@ class LoadedPolicy:
     policy: Policy
     source: str
     version: str
-
-
-def _format_loc(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
 
 
 def parse_policy(text: str, source: str) -> LoadedPolicy:
@@ -275,24 +279,10 @@ def parse_policy(text: str, source: str) -> LoadedPolicy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc: tuple[str | int, ...] = tuple(first["loc"])
-        reason = first["msg"]
-        cause = first.get("ctx", {}).get("error")
-        if isinstance(cause, _PathError):
-            loc, reason = cause.loc, cause.reason
-        elif reason.startswith("Value error, "):
-            reason = reason.removeprefix("Value error, ")
-        # pydantic puts the union member's tag in the path; users never wrote it.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p in _STEP_TAGS))
-        raise PolicyError(source, _format_loc(loc), reason) from exc
+        found = problems_of(exc, Policy)
+        raise PolicyError.of(source, [(p.path, p.reason) for p in found]) from exc
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return LoadedPolicy(policy=policy, source=source, version=policy.version or digest)
-
-
-_STEP_TAGS = frozenset(
-    {"set_headers", "inject_key", "model_alias", "clamp_max_tokens", "system_message", "http_hook"}
-)
 
 
 def load_policy(path: str | Path | None = None) -> LoadedPolicy:

@@ -43,8 +43,6 @@ def error_response(
 ) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    if served is not None:
-        headers[SERVED_BY] = served
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 

@@ -2,8 +2,8 @@
 
 Built once per (re)load from a validated `LoadedPolicy`; each request reads
 one `Snapshot` and keeps it, so a reload never changes a request mid-way.
-Everything that can fail (a missing key variable) fails here, at load time,
-as a PolicyError naming the file and path.
+Everything that can fail (a missing key or password variable) fails here,
+at load time, as one PolicyError naming the file and every path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
+from proxy.cache.factory import cache_problems
 from proxy.endpoint import Endpoint, endpoint_of
 from proxy.headers import Headers, upstream_request_headers
 from proxy.policy import LoadedPolicy, PolicyError, Route, Upstream
@@ -68,6 +69,8 @@ def compile_policy(
 ) -> Snapshot:
     env = dict(os.environ) if environ is None else environ
     policy = loaded.policy
+    # Every problem at once; the cache's too, so `check` fails where `serve` would.
+    problems: list[tuple[str, str]] = []
     keys: dict[str, Secret | None] = {}
     for name, upstream in policy.upstreams.items():
         if upstream.api_key_env is None:
@@ -75,10 +78,11 @@ def compile_policy(
             continue
         value = env.get(upstream.api_key_env)
         if not value:
-            raise PolicyError(
-                loaded.source,
-                f"upstreams.{name}.api_key_env",
-                f"environment variable {upstream.api_key_env} is not set",
+            problems.append(
+                (
+                    f"upstreams.{name}.api_key_env",
+                    f"environment variable {upstream.api_key_env} is not set",
+                )
             )
         keys[name] = Secret(f"Bearer {value}")
     routes = []
@@ -88,9 +92,7 @@ def compile_policy(
             try:
                 steps.append(build_step(step, env, client))
             except MissingSecret as exc:
-                raise PolicyError(
-                    loaded.source, f"routes[{index}].prepare[{step_index}].env", str(exc)
-                ) from exc
+                problems.append((f"routes[{index}].prepare[{step_index}].env", str(exc)))
         methods = frozenset(m.upper() for m in route.match.methods) if route.match.methods else None
         routes.append(
             CompiledRoute(
@@ -104,4 +106,7 @@ def compile_policy(
                 upstream_key=keys[route.upstream],
             )
         )
+    problems.extend(cache_problems(policy, env))
+    if problems:
+        raise PolicyError.of(loaded.source, problems)
     return Snapshot(loaded=loaded, routes=tuple(routes))

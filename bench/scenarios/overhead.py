@@ -20,6 +20,7 @@ from bench.common import (
     Context,
     Section,
     Target,
+    added_text,
     describe_counts,
     diff_counts,
     median,
@@ -202,8 +203,10 @@ def _rows(section: Section, cells: dict[tuple[str, int], Cell], hops: dict[str, 
                     ratio(cell.med("rps"), direct.med("rps")),
                     num(cell.med("p50_ms"), 3),
                     num(cell.med("p99_ms"), 3),
-                    "—" if name == "direct" else num(added50, 3),
-                    "—" if name == "direct" else num(added99, 3),
+                    # One wrk run per round gives no spread to estimate noise
+                    # from; only the impossible negative cost is named as noise.
+                    "—" if name == "direct" else added_text(added50, 0.0, 3),
+                    "—" if name == "direct" else added_text(added99, 0.0, 3),
                     num(cell.cpu_us_per_request, 0),
                     num(
                         cell.cpu_us_per_request
@@ -228,6 +231,12 @@ def _rows(section: Section, cells: dict[tuple[str, int], Cell], hops: dict[str, 
 
 def _added(cells: dict[tuple[str, int], Cell], name: str, conc: int, attr: str) -> float:
     return cells[(name, conc)].med(attr) - cells[("direct", conc)].med(attr)
+
+
+def _shown(added_ms: float, digits: int = 3) -> str:
+    """An added latency for a headline: a negative one is noise, never a saving."""
+    text = added_text(added_ms, 0.0, digits)
+    return text if text in ("n/a", "within noise") else f"{text} ms"
 
 
 def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
@@ -256,8 +265,8 @@ def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
     direct16 = cells[("direct", 16)].med("rps")
     nginx50 = _added(cells, "nginx", 1, "p50_ms")
     section.headline.append(
-        f"Overhead (c=1, added p50): nginx {nginx50:.3f} ms, bare relay {bare50:.3f} ms, "
-        f"llm-sidecar {side50:.3f} ms ({p50_ratio:.2f}x bare). c=16 req/s: direct "
+        f"Overhead (c=1, added p50): nginx {_shown(nginx50)}, bare relay {_shown(bare50)}, "
+        f"llm-sidecar {_shown(side50)} ({p50_ratio:.2f}x bare). c=16 req/s: direct "
         f"{direct16:,.0f}, bare relay {bare_rps:,.0f}, llm-sidecar {side_rps:,.0f} "
         f"({rps_ratio:.2f}x bare)."
     )
@@ -265,7 +274,7 @@ def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
         lite50 = _added(cells, "LiteLLM", 1, "p50_ms")
         lite_rps = cells[("LiteLLM", 16)].med("rps")
         section.headline.append(
-            f"LiteLLM proxy: added p50 {lite50:.2f} ms at c=1, {lite_rps:,.0f} req/s at c=16 "
+            f"LiteLLM proxy: added p50 {_shown(lite50, 2)} at c=1, {lite_rps:,.0f} req/s at c=16 "
             f"({lite_rps / side_rps if side_rps else math.nan:.2f}x llm-sidecar)."
         )
 

@@ -61,6 +61,11 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
 }
 
 
+def header_knobs() -> dict[str, str]:
+    """Each `x-fake-*` request header and the `FakeSettings` field it overrides."""
+    return {header: name for header, (name, _) in _HEADER_FIELDS.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
     method: str
