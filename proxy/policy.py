@@ -32,6 +32,8 @@ DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
 COALESCIBLE_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"}
 )
+# The caller's own request is at fault: another attempt would get the same answer.
+NEVER_RETRIED = frozenset({400, 401, 403, 404})
 
 
 class _Model(BaseModel):
@@ -178,9 +180,53 @@ PrepareStepConfig = Annotated[
 ]
 
 
+class Target(_Model):
+    upstream: str
+    model: str | None = None  # sent as the body's `model` to this target only
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _check_weight(cls, value: float) -> float:
+        if not value > 0:  # also refuses NaN
+            raise ValueError("weight must be above 0")
+        return value
+
+
+class Retry(_Model):
+    attempts: int | None = Field(None, ge=1, le=10)  # None: one per target
+    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
+    backoff: Duration = 0.5
+    max_retry_wait: Duration = 5.0
+    budget_percent: float = Field(20.0, gt=0, le=100)
+    min_retry_concurrency: int = Field(3, ge=0)
+    eject_after: int = Field(5, ge=1)
+    eject_for: Duration = 30.0
+    max_eject_for: Duration = 300.0
+
+    @field_validator("on_status")
+    @classmethod
+    def _check_statuses(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for status in value:
+            if status in NEVER_RETRIED:
+                raise ValueError(f"{status} is never retried: the request itself is at fault")
+            if not 400 <= status <= 599:
+                raise ValueError(f"{status} is not an error status (400-599)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_ejection(self) -> Retry:
+        if self.max_eject_for < self.eject_for:
+            raise ValueError("max_eject_for must not be below eject_for")
+        return self
+
+
 class Route(_Model):
     match: Match
-    upstream: str
+    upstream: str | None = None  # shorthand for `targets: [{upstream: NAME}]`
+    targets: tuple[Target, ...] | None = None
+    strategy: Literal["fallback", "balance"] = "fallback"
+    retry: Retry = Retry()
     coalesce: bool = True
     share_across_tenants: bool = False
     tenant_header: str | None = None
@@ -188,6 +234,13 @@ class Route(_Model):
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
+
+    @property
+    def target_list(self) -> tuple[Target, ...]:
+        """The targets in the order written; `upstream: NAME` is a list of one."""
+        if self.targets is not None:
+            return self.targets
+        return () if self.upstream is None else (Target(upstream=self.upstream),)
 
 
 class Policy(_Model):
@@ -206,12 +259,13 @@ class Policy(_Model):
     @model_validator(mode="after")
     def _cross_check(self) -> Policy:
         for index, route in enumerate(self.routes):
-            if route.upstream not in self.upstreams:
+            if route.upstream is not None and route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
                 raise _PathError(
                     ("routes", index, "upstream"),
                     f"unknown upstream {route.upstream!r} (defined: {known})",
                 )
+            self._check_targets(index, route)
         last = self.routes[-1].match
         if last.path not in ("*", "/*", "/v1/*") or last.methods is not None:
             raise _PathError(
@@ -219,6 +273,32 @@ class Policy(_Model):
                 'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
             )
         return self
+
+    def _check_targets(self, index: int, route: Route) -> None:
+        if (route.upstream is None) == (route.targets is None):
+            raise _PathError(
+                ("routes", index),
+                "name the route's upstream, or its targets list, exactly once",
+            )
+        if route.targets is not None and not route.targets:
+            raise _PathError(
+                ("routes", index, "targets"), "the target list is empty: name at least one"
+            )
+        for number, target in enumerate(route.targets or ()):
+            if target.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                raise _PathError(
+                    ("routes", index, "targets", number, "upstream"),
+                    f"unknown upstream {target.upstream!r} (defined: {known})",
+                )
+        queue_timeout = self.stages.upstream.queue_timeout
+        if route.retry.max_retry_wait > queue_timeout:
+            # A retry waits holding its upstream slot; queued calls would time out first.
+            raise _PathError(
+                ("routes", index, "retry", "max_retry_wait"),
+                f"{route.retry.max_retry_wait:g}s is above stages.upstream.queue_timeout"
+                f" ({queue_timeout:g}s)",
+            )
 
 
 class _PathError(ValueError):
