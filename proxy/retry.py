@@ -60,7 +60,7 @@ class RetryRules:
             min_retry_concurrency=config.min_retry_concurrency,
             eject_after=config.eject_after,
             eject_for=config.eject_for,
-            max_eject_for=config.max_eject_for,
+            max_eject_for=max(config.max_eject_for, config.eject_for),
         )
 
 
