@@ -100,6 +100,30 @@ class Metrics:
             ["route", "status"],
             registry=reg,
         )
+        self.attempts = Counter(
+            "llm_sidecar_upstream_attempts",
+            "Upstream attempts by target and outcome (the status, or connect_error, timeout).",
+            ["target", "outcome"],
+            registry=reg,
+        )
+        self.retries = Counter(
+            "llm_sidecar_upstream_retries",
+            "Attempts made after a first one failed (retries and fallbacks).",
+            registry=reg,
+        )
+        self.retries_refused = Counter(
+            "llm_sidecar_upstream_retries_refused",
+            "Retryable failures answered as they were, by reason"
+            " (attempts, budget, retry_after, draining).",
+            ["reason"],
+            registry=reg,
+        )
+        self.ejections = Counter(
+            "llm_sidecar_upstream_ejections",
+            "Times a target was ejected for a cool-down after failing in a row.",
+            ["target"],
+            registry=reg,
+        )
         self.stage_wait = Histogram(
             "llm_sidecar_stage_wait_seconds",
             "Time from asking for a stage slot to getting it.",
@@ -116,6 +140,7 @@ class Metrics:
         self._served = {name: _ServedChildren(self, name) for name in SERVED}
         self._requests: dict[tuple[str, int], Any] = {}
         self._upstream: dict[tuple[int, int | None], Any] = {}
+        self._attempts: dict[tuple[str, int | str], Any] = {}
         self._waits = {name: self.stage_wait.labels(name) for name in STAGES}
         self._reload_ok = self.reloads.labels("ok")
         self._reload_failed = self.reloads.labels("failed")
@@ -151,6 +176,13 @@ class Metrics:
         if counter is None:
             label = NO_RESPONSE if status is None else str(status)
             counter = self._upstream[(route, status)] = self.upstream.labels(str(route), label)
+        counter.inc()
+
+    def attempt(self, target: str, outcome: int | str) -> None:
+        """One attempt at `target`: its status, or CONNECT_ERROR / TIMEOUT."""
+        counter = self._attempts.get((target, outcome))
+        if counter is None:
+            counter = self._attempts[(target, outcome)] = self.attempts.labels(target, str(outcome))
         counter.inc()
 
     def stage_waited(self, stage: str, seconds: float) -> None:
@@ -212,6 +244,29 @@ class _RuntimeCollector(Collector):
             "llm_sidecar_policy", "The policy being served.", value={"version": rt.snapshot.version}
         )
         yield from _cache_metrics(rt.cache)
+        yield from _target_metrics(rt)
+
+
+def _target_metrics(rt: Runtime) -> Iterator[Metric]:
+    ejected = GaugeMetricFamily(
+        "llm_sidecar_upstream_ejected",
+        "1 while the target is ejected for a cool-down, per target of the policy.",
+        labels=["target"],
+    )
+    retries = rt.retries
+    now = retries.clock()
+    seen: set[str] = set()
+    for route in rt.snapshot.routes:
+        for target in route.targets:
+            if target.label not in seen:
+                seen.add(target.label)
+                ejected.add_metric([target.label], int(retries.outliers.is_ejected(target.id, now)))
+    yield ejected
+    yield GaugeMetricFamily(
+        "llm_sidecar_upstream_retries_in_flight",
+        "Retries holding a share of the retry budget now.",
+        value=retries.budget.in_flight,
+    )
 
 
 def _cache_metrics(cache: object) -> Iterator[Metric]:

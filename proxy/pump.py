@@ -24,15 +24,17 @@ from proxy.assemble import (
     assemble_response,
     choices_finished,
 )
+from proxy.attempts import call_with_retries
 from proxy.cache.base import CachedAnswer
 from proxy.errors import ProxyError, ShuttingDown, UpstreamBroken
 from proxy.headers import downstream_response_headers
 from proxy.intake import Intake
 from proxy.prepare import Outgoing, run_steps
+from proxy.reply import ATTEMPTS_HEADER
 from proxy.runtime import Runtime
 from proxy.sse import DONE, SSEDecoder
 from proxy.stream import Head, LogEvent, Stream
-from proxy.upstream import open_upstream, read_chunks, upstream_url
+from proxy.upstream import read_chunks
 
 log = logging.getLogger("llm_sidecar.pump")
 
@@ -120,22 +122,18 @@ def _fail(stream: Stream, error: ProxyError) -> None:
 
 
 async def _call_upstream(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) -> None:
-    route = intake.route
-    config = route.upstream
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
     body = upstream_body(outgoing.path, outgoing.body)
-    session = rt.pool.session(route.upstream_name, config)
-    url = upstream_url(config, outgoing.path, intake.query)
-    try:
-        response = await open_upstream(session, config, "POST", url, headers, orjson.dumps(body))
-    except ProxyError:
-        rt.metrics.upstream_call(route.index, None)
-        raise
-    rt.metrics.upstream_call(route.index, response.status)
+    # Retries and fallbacks happen in here, before the head is published.
+    opened = await call_with_retries(
+        rt, stream, intake.route, outgoing.path, intake.query, headers, body
+    )
+    response, config = opened.response, opened.upstream
     clean = False
     try:
         down = downstream_response_headers(response.headers)
+        down[ATTEMPTS_HEADER] = str(len(stream.attempts))
         is_sse = response.content_type == "text/event-stream"
         if response.status >= 300 or not is_sse:
             chunks = [chunk async for chunk in read_chunks(response, config.idle_timeout)]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy import logs
+from proxy.attempts import reconcile_targets
 from proxy.cache.factory import build_cache
 from proxy.policy import LoadedPolicy, PolicyError, parse_policy
 from proxy.routing import compile_policy
@@ -76,6 +77,7 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
+    reconcile_targets(rt, snapshot)
     if cache is not None:
         # Lookups already in the old lane end as misses; its pending writes
         # get their grace while it closes in the background.

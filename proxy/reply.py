@@ -26,6 +26,7 @@ from proxy.stream import Head, PushReader, Stream, frame_events
 from proxy.trail import trail_of
 
 SERVED_BY = "x-llm-sidecar"
+ATTEMPTS_HEADER = "x-llm-sidecar-attempts"
 _KEEPALIVE_FRAME = chunk_frame(COMMENT_KEEPALIVE)
 _DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
 
@@ -193,7 +194,10 @@ async def serve_from_stream(
         if out is not None:
             await out.end(exc)
             return out.response
-        return error_response(exc, intake.request_id, served)
+        response = error_response(exc, intake.request_id, served)
+        if stream.attempts:  # the tries that all failed, as the head would have said
+            response.headers[ATTEMPTS_HEADER] = str(len(stream.attempts))
+        return response
     except ConnectionResetError:
         # The caller went away mid-stream; only this reader leaves. Nobody
         # reads what we return; 499 is what access logs call it.

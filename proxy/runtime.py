@@ -22,6 +22,7 @@ from proxy.cache.base import Cache, NullCache
 from proxy.limiter import StageEvent, StageLimiter
 from proxy.metrics import Metrics
 from proxy.policy import Stages
+from proxy.retry import RetryState
 from proxy.routing import Snapshot
 from proxy.table import InflightTable
 from proxy.upstream import UpstreamPool
@@ -107,6 +108,8 @@ class Runtime:
     recorder: StageRecorder | None = None
     # This app's own registry: tests and apps in one process never share one.
     metrics: Metrics = field(default_factory=Metrics)
+    # Retry budget, target ejections and the draws between targets.
+    retries: RetryState = field(default_factory=RetryState)
 
     def record_stages(self) -> StageRecorder:
         self.recorder = StageRecorder()
