@@ -42,7 +42,7 @@ from proxy.retry import (
 from proxy.routing import CompiledRoute, CompiledTarget, Snapshot
 from proxy.runtime import Runtime
 from proxy.stream import Stream
-from proxy.targets import choose
+from proxy.targets import choose, weighted
 from proxy.upstream import open_upstream, upstream_url
 
 log = logging.getLogger("llm_sidecar.attempts")
@@ -218,8 +218,14 @@ def _pick(state: RetryState, route: CompiledRoute, failed: int | None) -> int:
     targets = route.targets
     if len(targets) == 1:
         return 0
-    now = state.clock()
     outliers = state.outliers
+    if failed is None and not outliers.tracking:
+        # Nothing anywhere is failing, the usual case: skip the health lists
+        # (`choose` answers the same when every target is healthy).
+        if route.strategy == "fallback":
+            return 0
+        return weighted(range(len(targets)), [t.weight for t in targets], state.rng)
+    now = state.clock()
     return choose(
         route.strategy,
         [t.weight for t in targets],

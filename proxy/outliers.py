@@ -43,6 +43,11 @@ class Outliers:
     def __init__(self) -> None:
         self._health: dict[TargetId, Health] = {}
 
+    @property
+    def tracking(self) -> bool:
+        """Whether any target has a failure on record."""
+        return bool(self._health)
+
     def is_ejected(self, target: TargetId, now: float) -> bool:
         health = self._health.get(target)
         return health is not None and health.ejected_until > now
