@@ -197,7 +197,7 @@ class Retry(_Model):
     attempts: int | None = Field(None, ge=1, le=10)  # None: one per target
     on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
     backoff: Duration = 0.5
-    max_retry_wait: Duration = 5.0
+    max_retry_wait: Duration | None = None  # None: 5s, or the upstream queue timeout if lower
     budget_percent: float = Field(20.0, gt=0, le=100)
     min_retry_concurrency: int = Field(3, ge=0)
     eject_after: int = Field(5, ge=1)
@@ -286,12 +286,12 @@ class Policy(_Model):
                     f"unknown upstream {target.upstream!r} (defined: {known})",
                 )
         queue_timeout = self.stages.upstream.queue_timeout
-        if route.retry.max_retry_wait > queue_timeout:
+        wait = route.retry.max_retry_wait
+        if wait is not None and wait > queue_timeout:
             # A retry waits holding its upstream slot; queued calls would time out first.
             raise _PathError(
                 ("routes", index, "retry", "max_retry_wait"),
-                f"{route.retry.max_retry_wait:g}s is above stages.upstream.queue_timeout"
-                f" ({queue_timeout:g}s)",
+                f"{wait:g}s is above stages.upstream.queue_timeout ({queue_timeout:g}s)",
             )
 
 

@@ -28,6 +28,7 @@ from typing import Literal
 from proxy.outliers import Outliers
 from proxy.policy import NEVER_RETRIED, Retry
 
+DEFAULT_MAX_RETRY_WAIT = 5.0
 # What an attempt ended with, as metrics and logs name it (besides a status).
 CONNECT_ERROR = "connect_error"
 TIMEOUT = "timeout"
@@ -48,14 +49,16 @@ class RetryRules:
     max_eject_for: float
 
     @classmethod
-    def compile(cls, config: Retry, targets: int) -> RetryRules:
+    def compile(cls, config: Retry, targets: int, queue_timeout: float) -> RetryRules:
+        """`queue_timeout`: the upstream stage's, which bounds any wait (it holds a slot)."""
+        wait = config.max_retry_wait
         return cls(
             # Without a count, each target gets one try: a one-target route
             # keeps the single attempt it always had.
             attempts=config.attempts if config.attempts is not None else targets,
             on_status=frozenset(config.on_status) - NEVER_RETRIED,
             backoff=config.backoff,
-            max_retry_wait=config.max_retry_wait,
+            max_retry_wait=min(DEFAULT_MAX_RETRY_WAIT, queue_timeout) if wait is None else wait,
             budget_percent=config.budget_percent,
             min_retry_concurrency=config.min_retry_concurrency,
             eject_after=config.eject_after,

@@ -135,7 +135,9 @@ def compile_policy(
                 upstream_key=targets[0].upstream_key,
                 targets=targets,
                 strategy=route.strategy,
-                retry=RetryRules.compile(route.retry, len(targets)),
+                retry=RetryRules.compile(
+                    route.retry, len(targets), policy.stages.upstream.queue_timeout
+                ),
             )
         )
     return Snapshot(loaded=loaded, routes=tuple(routes))

@@ -22,7 +22,7 @@ NEVER_FAILED = (float("-inf"),) * 3
 
 
 def rules(**changes: object) -> RetryRules:
-    return RetryRules.compile(Retry.model_validate(changes), targets=2)
+    return RetryRules.compile(Retry.model_validate(changes), targets=2, queue_timeout=60.0)
 
 
 # -- choosing a target ------------------------------------------------------------------------
@@ -119,10 +119,16 @@ def test_attempts_run_out() -> None:
 
 
 def test_a_one_target_route_without_a_retry_block_never_retries() -> None:
-    one = RetryRules.compile(Retry(), targets=1)
+    one = RetryRules.compile(Retry(), targets=1, queue_timeout=60.0)
     assert one.attempts == 1
     assert decide(503, None, 1, one).kind == "stop"
-    assert RetryRules.compile(Retry(), targets=3).attempts == 3
+    assert RetryRules.compile(Retry(), targets=3, queue_timeout=60.0).attempts == 3
+
+
+def test_the_default_longest_wait_stays_under_the_upstream_queue_timeout() -> None:
+    assert RetryRules.compile(Retry(), 1, queue_timeout=60.0).max_retry_wait == 5.0
+    assert RetryRules.compile(Retry(), 1, queue_timeout=0.5).max_retry_wait == 0.5
+    assert RetryRules.compile(Retry(max_retry_wait=2.0), 1, 60.0).max_retry_wait == 2.0
 
 
 def test_retry_after_within_the_limit_waits_on_the_same_target() -> None:

@@ -140,3 +140,10 @@ def test_fallbacks_example_validates_and_compiles() -> None:
     assert len(chat.targets) >= 2
     assert chat.strategy == "fallback"
     assert chat.targets[0].upstream_name == "openai"  # the primary comes first
+
+
+def test_a_short_upstream_queue_timeout_keeps_a_policy_without_retry_valid() -> None:
+    stages = {"upstream": {"max_concurrency": 1, "max_queue": 1, "queue_timeout": "500ms"}}
+    loaded = parse_policy(policy({"upstream": "a"}, stages=stages), "p.yaml")
+    compiled = compile_policy(loaded, HookSession(), {}).routes[0]
+    assert compiled.retry.max_retry_wait == 0.5  # the default follows the timeout down
