@@ -7,6 +7,7 @@ how long something took, except a lower bound on a wait the proxy must do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -18,7 +19,7 @@ import orjson
 import pytest
 
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import RunningProxy, StartProxy, post, wait_idle
+from tests.conftest import RunningProxy, StartProxy, post, until, wait_idle
 from tests.proxy_process import free_port
 
 ATTEMPTS = "x-llm-sidecar-attempts"
@@ -274,3 +275,65 @@ async def test_the_fakes_error_knobs(fake: FakeUpstream) -> None:
     assert (first[1]["Retry-After"], first[1]["retry-after-ms"]) == ("7", "7000")
     assert second[0] == 200  # error_times: only the first call failed
     assert fake.errors_sent == 1
+
+
+async def test_no_head_in_time_moves_to_the_next_target(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    policy = two(fake.base_url, backup.base_url)
+    policy["upstreams"]["primary"]["first_byte_timeout"] = "100ms"
+    proxy = await start_proxy(policy, raw=True)
+    fake.settings = replace(fake.settings, header_delay=30.0)  # no head for far too long
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("t"))
+    assert (status, headers[ATTEMPTS]) == (200, "2")
+    assert (fake.total_calls, backup.total_calls) == (1, 1)
+    assert (
+        proxy.runtime.metrics.registry.get_sample_value(
+            "llm_sidecar_upstream_attempts_total", {"target": "primary", "outcome": "timeout"}
+        )
+        == 1
+    )
+    await wait_idle(proxy.runtime)
+
+
+async def test_a_pump_cancelled_while_it_waits_to_retry_gives_everything_back(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    route = {
+        "match": {"path": "/v1/*"},
+        "upstream": "fake",
+        "on_abandon": "cancel",
+        "retry": {"attempts": 2, "max_retry_wait": "30s"},
+    }
+    proxy = await start_proxy({"routes": [route]})
+    rt = proxy.runtime
+    fake.settings = replace(fake.settings, error_status=503, retry_after="30")
+    async with aiohttp.ClientSession() as session:
+        caller = asyncio.create_task(
+            post(session, f"{proxy.base_url}/chat/completions", chat("leave"))
+        )
+        # The pump got its 503 and now sleeps 30 s on a budget token.
+        await until(lambda: rt.retries.budget.in_flight == 1)
+        caller.cancel()  # the only reader leaves: on_abandon cancels the pump
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await wait_idle(rt)
+    assert rt.retries.budget.in_flight == 0
+    assert fake.total_calls == 1  # the retry never went out
+
+
+async def test_no_retry_once_draining(fake: FakeUpstream, start_proxy: StartProxy) -> None:
+    route = {"match": {"path": "/v1/*"}, "upstream": "fake", "retry": {"attempts": 3}}
+    proxy = await start_proxy({"routes": [route]})
+    proxy.runtime.draining = True
+    fake.settings = replace(fake.settings, error_status=503)
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("d"))
+    assert (status, headers[ATTEMPTS], fake.total_calls) == (503, "1", 1)
+    assert (
+        proxy.runtime.metrics.registry.get_sample_value(
+            "llm_sidecar_upstream_retries_refused_total", {"reason": "draining"}
+        )
+        == 1
+    )
