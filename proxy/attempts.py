@@ -17,6 +17,7 @@ so the answer is cached under the caller's request whichever target gave it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,9 @@ class Opened:
 
     response: aiohttp.ClientResponse
     upstream: Upstream  # its idle timeout applies to the body
+    # The answering target's session lease: exit it once the response is
+    # released, so a session a reload replaced closes after its last call.
+    lease: contextlib.ExitStack
 
 
 async def call_with_retries(
@@ -67,8 +71,10 @@ async def call_with_retries(
 ) -> Opened:
     """Open the upstream response, retrying before the head; each try lands in `stream.attempts`.
 
-    Raises the last attempt's ProxyError (unreachable, timeout) when no
-    target answered at all.
+    Each attempt holds a lease on its target's session from sending until
+    its response is done with: a discarded answer's lease ends here, the
+    returned one's is the caller's to exit (`Opened.lease`). Raises the last
+    attempt's ProxyError (unreachable, timeout) when no target answered.
     """
     state = rt.retries
     index = _pick(state, route, None)
@@ -80,37 +86,40 @@ async def call_with_retries(
             target = route.targets[index]
             response: aiohttp.ClientResponse | None = None
             error: ProxyError | None = None
-            started = time.perf_counter()
-            try:
-                response = await open_upstream(
-                    rt.pool.session(target.upstream_name, target.upstream),
-                    target.upstream,
-                    "POST",
-                    upstream_url(target.upstream, path, query),
-                    _headers_for(route, target, headers),
-                    _payload(target, body, payloads),
-                )
-            except ProxyError as exc:
-                error = exc
-            if retrying:
-                state.budget.release()
-                retrying = False
-            try:
-                _record(rt, stream, route, target, response, error, started, waited)
-                following = _next(rt, route, index, response, len(stream.attempts))
-                if following is None or not _spend(rt, route):
+            with contextlib.ExitStack() as lease:
+                session = lease.enter_context(rt.pool.lease(target.upstream_name, target.upstream))
+                started = time.perf_counter()
+                try:
+                    response = await open_upstream(
+                        session,
+                        target.upstream,
+                        "POST",
+                        upstream_url(target.upstream, path, query),
+                        _headers_for(route, target, headers),
+                        _payload(target, body, payloads),
+                    )
+                except ProxyError as exc:
+                    error = exc
+                if retrying:
+                    state.budget.release()
+                    retrying = False
+                try:
+                    _record(rt, stream, route, target, response, error, started, waited)
+                    following = _next(rt, route, index, response, len(stream.attempts))
+                    if following is None or not _spend(rt, route):
+                        if response is not None:
+                            return Opened(response, target.upstream, lease.pop_all())
+                        assert error is not None
+                        raise error
+                    retrying = True
+                    rt.metrics.retries.inc()
                     if response is not None:
-                        return Opened(response, target.upstream)
-                    assert error is not None
-                    raise error
-                retrying = True
-                rt.metrics.retries.inc()
-                if response is not None:
-                    response.release()  # aiohttp closes it, not pools it, if the body is unread
-            except BaseException:
-                if response is not None:
-                    response.close()
-                raise
+                        # aiohttp closes it, not pools it, if the body is unread.
+                        response.release()
+                except BaseException:
+                    if response is not None:
+                        response.close()
+                    raise
             index, waited = following
             if waited > 0:
                 await asyncio.sleep(waited)

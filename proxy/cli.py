@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from proxy.app import serve
+    from proxy.lifecycle import serve
 
     try:
         serve(loaded, args.host, args.port)

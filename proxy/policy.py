@@ -29,9 +29,6 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
-COALESCIBLE_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"}
-)
 # The caller's own request is at fault: another attempt would get the same answer.
 NEVER_RETRIED = frozenset({400, 401, 403, 404})
 

@@ -78,6 +78,7 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
     reconcile_targets(rt, snapshot)
+    rt.pool.retain(new.upstreams)  # sessions for replaced upstreams close once idle
     if cache is not None:
         # Lookups already in the old lane end as misses; its pending writes
         # get their grace while it closes in the background.

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
+from proxy.endpoint import Endpoint, endpoint_of
 from proxy.headers import Headers, upstream_request_headers
-from proxy.policy import COALESCIBLE_PATHS, LoadedPolicy, PolicyError, Route, Upstream
+from proxy.policy import LoadedPolicy, PolicyError, Route, Upstream
 from proxy.prepare import HookClient, MissingSecret, PrepareStep, Secret, build_step
 from proxy.retry import RetryRules
 from proxy.targets import Strategy, target_label
@@ -63,8 +64,9 @@ class CompiledRoute:
         key = None if self.upstream_key is None else self.upstream_key.reveal()
         return upstream_request_headers(headers, request_id, key)
 
-    def coalesces(self, method: str, path: str) -> bool:
-        return self.config.coalesce and method == "POST" and path in COALESCIBLE_PATHS
+    def endpoint(self, method: str, path: str) -> Endpoint | None:
+        """The endpoint this route coalesces at `method path`; None: relay as is."""
+        return endpoint_of(method, path) if self.config.coalesce else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import pytest
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, until, wait_idle
 from tests.proxy_process import free_port
+from tests.stage_recorder import record_stages
 
 ATTEMPTS = "x-llm-sidecar-attempts"
 
@@ -113,7 +114,7 @@ async def test_backoff_retries_the_only_target_until_it_answers(
         {"routes": [{"match": {"path": "/v1/*"}, "upstream": "fake", "retry": retry}]}
     )
     fake.settings = replace(fake.settings, error_status=503, error_times=2)
-    recorder = proxy.runtime.record_stages()
+    recorder = record_stages(proxy.runtime)
     async with aiohttp.ClientSession() as session:
         status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("b"))
     assert (status, headers[ATTEMPTS], fake.total_calls) == (200, "3", 3)
