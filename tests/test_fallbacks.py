@@ -321,3 +321,39 @@ async def test_reload_resets_the_ejection_of_targets_that_changed(
         assert (moved.total_calls, backup.total_calls) == (1, 1)
     finally:
         await moved.close()
+
+
+async def test_each_attempt_leases_its_targets_session_until_its_response_is_done(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """A reload that replaces both upstreams mid-call closes the failed attempt's
+    session at once and the answering one's only once its stream has ended."""
+    policy = two(fake.base_url, backup.base_url)
+    proxy = await start_proxy(policy, raw=True)
+    rt = proxy.runtime
+    [route] = rt.snapshot.routes
+    fake.settings = replace(fake.settings, error_status=503)
+    backup.hold_after = 1  # the backup's head is relayed, then it holds
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(post(session, url, chat("lease", stream=True)))
+        await until(lambda: any(s.head.done() for s in rt.table))
+        failed, answering = (rt.pool.session(t.upstream_name, t.upstream) for t in route.targets)
+        for upstream in policy["upstreams"].values():
+            upstream["idle_timeout"] = "11s"  # a new configuration: new sessions
+        apply_policy(rt, parse_policy(yaml.safe_dump({**policy, "version": "2"}), "p.yaml"))
+        await until(lambda: failed.closed)  # its attempt ended with the 503
+        assert not answering.closed  # the answer is still streaming through it
+        backup.release.set()
+        status, headers, body = await task
+    assert (status, headers[ATTEMPTS]) == (200, "2")
+    assert body.rstrip().endswith(b"data: [DONE]")
+    # One upstream call counted per attempt, by the attempt loop alone.
+    calls = rt.metrics.registry.get_sample_value
+    counted = [
+        calls("llm_sidecar_upstream_requests_total", {"route": "0", "status": status})
+        for status in ("503", "200")
+    ]
+    assert counted == [1, 1]
+    await until(lambda: answering.closed)
+    await wait_idle(rt)
