@@ -30,6 +30,8 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
+# The caller's own request is at fault: another attempt would get the same answer.
+NEVER_RETRIED = frozenset({400, 401, 403, 404})
 
 
 class _Model(BaseModel):
@@ -176,9 +178,47 @@ PrepareStepConfig = Annotated[
 ]
 
 
+class Target(_Model):
+    upstream: str
+    model: str | None = None  # sent as the body's `model` to this target only
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _check_weight(cls, value: float) -> float:
+        if not value > 0:  # also refuses NaN
+            raise ValueError("weight must be above 0")
+        return value
+
+
+class Retry(_Model):
+    attempts: int | None = Field(None, ge=1, le=10)  # None: one per target
+    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
+    backoff: Duration = 0.5
+    max_retry_wait: Duration | None = None  # None: 5s, or the upstream queue timeout if lower
+    budget_percent: float = Field(20.0, gt=0, le=100)
+    min_retry_concurrency: int = Field(3, ge=0)
+    eject_after: int = Field(5, ge=1)
+    eject_for: Duration = 30.0
+    max_eject_for: Duration = 300.0  # the doubling's cap; never below eject_for
+
+    @field_validator("on_status")
+    @classmethod
+    def _check_statuses(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for status in value:
+            if status in NEVER_RETRIED:
+                raise ValueError(f"{status} is never retried: the request itself is at fault")
+            if not 400 <= status <= 599:
+                raise ValueError(f"{status} is not an error status (400-599)")
+        return value
+
+
 class Route(_Model):
     match: Match
-    upstream: str
+    upstream: str | None = None  # shorthand for `targets: [{upstream: NAME}]`
+    targets: tuple[Target, ...] | None = None
+    strategy: Literal["fallback", "balance"] = "fallback"
+    retry: Retry = Retry()
     coalesce: bool = True
     share_across_tenants: bool = False
     tenant_header: str | None = None
@@ -186,6 +226,13 @@ class Route(_Model):
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
+
+    @property
+    def target_list(self) -> tuple[Target, ...]:
+        """The targets in the order written; `upstream: NAME` is a list of one."""
+        if self.targets is not None:
+            return self.targets
+        return () if self.upstream is None else (Target(upstream=self.upstream),)
 
 
 class Policy(_Model):
@@ -205,7 +252,7 @@ class Policy(_Model):
     def _cross_check(self) -> Policy:
         problems: list[tuple[tuple[str | int, ...], str]] = []
         for index, route in enumerate(self.routes):
-            if route.upstream not in self.upstreams:
+            if route.upstream is not None and route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
                 problems.append(
                     (
@@ -213,6 +260,7 @@ class Policy(_Model):
                         f"unknown upstream {route.upstream!r} (defined: {known})",
                     )
                 )
+            problems.extend(self._target_problems(index, route))
         last = self.routes[-1].match
         if last.path not in ("*", "/*", "/v1/*") or last.methods is not None:
             problems.append(
@@ -224,6 +272,37 @@ class Policy(_Model):
         if problems:
             raise PathError(problems)
         return self
+
+    def _target_problems(self, index: int, route: Route) -> list[tuple[tuple[str | int, ...], str]]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if (route.upstream is None) == (route.targets is None):
+            problems.append(
+                (("routes", index), "name the route's upstream, or its targets list, exactly once")
+            )
+        if route.targets is not None and not route.targets:
+            problems.append(
+                (("routes", index, "targets"), "the target list is empty: name at least one")
+            )
+        for number, target in enumerate(route.targets or ()):
+            if target.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                problems.append(
+                    (
+                        ("routes", index, "targets", number, "upstream"),
+                        f"unknown upstream {target.upstream!r} (defined: {known})",
+                    )
+                )
+        queue_timeout = self.stages.upstream.queue_timeout
+        wait = route.retry.max_retry_wait
+        if wait is not None and wait > queue_timeout:
+            # A retry waits holding its upstream slot; queued calls would time out first.
+            problems.append(
+                (
+                    ("routes", index, "retry", "max_retry_wait"),
+                    f"{wait:g}s is above stages.upstream.queue_timeout ({queue_timeout:g}s)",
+                )
+            )
+        return problems
 
 
 class PolicyError(Exception):

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy import logs
+from proxy.attempts import reconcile_targets
 from proxy.cache.factory import build_cache
 from proxy.policy import LoadedPolicy, Policy, PolicyError, parse_policy
 from proxy.routing import compile_policy
@@ -78,6 +79,7 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
+    reconcile_targets(rt, snapshot)
     rt.pool.retain(new.upstreams)  # sessions for replaced upstreams close once idle
     if cache is not None:
         # Lookups already in the old lane end as misses; its pending writes

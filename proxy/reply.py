@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 
 from proxy.cache.base import CachedAnswer
 from proxy.errors import ProxyError, UpstreamBroken
-from proxy.headers import SERVED_BY, Served
+from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, Served
 from proxy.intake import Intake
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream, frame_events
@@ -180,7 +180,11 @@ class StreamReply:
             if self._out is not None:
                 await self._out.end(exc)
                 return self._out.response
-            return error_response(exc, self._intake.request_id, self._served)
+            response = error_response(exc, self._intake.request_id, self._served)
+            attempts = self._stream.attempts
+            if attempts:  # the tries that all failed, as the head would have said
+                response.headers[ATTEMPTS_HEADER] = str(len(attempts))
+            return response
         except ConnectionResetError:
             # The caller went away mid-stream; only this reader leaves. Nobody
             # reads what we return; 499 is what access logs call it.

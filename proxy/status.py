@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.attempts import targets_status
 from proxy.cache.base import Cache
 from proxy.runtime import RUNTIME
 
@@ -58,6 +59,8 @@ async def status_endpoint(request: web.Request) -> web.Response:
         "pumps": len(rt.pumps),
         "tasks": len(asyncio.all_tasks()),
         "cache": _cache_stats(rt.cache),
+        "targets": targets_status(rt),
+        "retries_in_flight": rt.retries.budget.in_flight,
     }
     return web.Response(
         body=orjson.dumps(body, default=str), headers={"Content-Type": "application/json"}

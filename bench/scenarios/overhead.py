@@ -7,6 +7,10 @@ llm-sidecar (coalescing and memory cache on, so every request is a miss
 that is looked up, coalesced, streamed upstream, assembled and cached) and,
 when it installed, LiteLLM's proxy. Rounds interleave the hops so drift on
 a noisy machine hits them all alike; each figure is the median over rounds.
+
+"llm-sidecar 2 targets" is the same policy with every route naming two
+targets (a primary that always answers and a fallback never needed): what
+the retry machinery costs a request that needs no retry.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench import plots
 from bench.common import (
@@ -36,6 +41,7 @@ from bench.wrk import WrkResult, run_wrk
 
 CONCURRENCY = (1, 16)
 TOKENS = "8"
+TWO_TARGETS = "llm-sidecar 2 targets"
 
 
 @dataclass
@@ -96,6 +102,7 @@ async def start_hops(ctx: Context, lab: Lab, notes: list[str]) -> tuple[Server, 
     hops["nginx"] = await lab.nginx(fake)
     hops["bare relay"] = await lab.bare_relay(fake)
     hops["llm-sidecar"] = await lab.sidecar(sidecar_policy(fake.port))
+    hops[TWO_TARGETS] = await lab.sidecar(two_target_policy(fake.port), "llm-sidecar-2t")
     if ctx.quick:
         notes.append("LiteLLM (scenario 7) is left out of quick runs; a full run includes it.")
     elif LITELLM.exists():
@@ -110,6 +117,15 @@ async def start_hops(ctx: Context, lab: Lab, notes: list[str]) -> tuple[Server, 
             "(pip install 'litellm[proxy]' into /tmp/bench-tools-venv to include it)."
         )
     return fake, hops
+
+
+def two_target_policy(upstream_port: int) -> dict[str, Any]:
+    """The bench policy with a fallback target on every route; the primary always answers."""
+    policy = sidecar_policy(upstream_port)
+    policy["upstreams"]["backup"] = {"base_url": f"http://127.0.0.1:{upstream_port}/v1"}
+    for route in policy["routes"]:
+        route["targets"] = [{"upstream": route.pop("upstream")}, {"upstream": "backup"}]
+    return policy
 
 
 async def run(ctx: Context) -> Section:
@@ -260,6 +276,17 @@ def _targets(section: Section, cells: dict[tuple[str, int], Cell]) -> None:
             "llm-sidecar req/s at c=16 ≥ 0.9x the bare relay's",
             f"{side_rps:,.0f} vs {bare_rps:,.0f} = {rps_ratio:.2f}x",
             None if math.isnan(rps_ratio) else rps_ratio >= 0.9,
+        )
+    )
+    two50 = _added(cells, TWO_TARGETS, 1, "p50_ms")
+    two_rps = cells[(TWO_TARGETS, 16)].med("rps")
+    section.targets.append(
+        Target(
+            "1",
+            "two-target route: added p50 at c=1 within 0.1 ms of the one-target route's",
+            f"{two50:.3f} ms vs {side50:.3f} ms ({two50 - side50:+.3f} ms); c=16 req/s "
+            f"{two_rps:,.0f} vs {side_rps:,.0f}",
+            two50 - side50 <= 0.1,
         )
     )
     direct16 = cells[("direct", 16)].med("rps")

@@ -2,53 +2,44 @@
 
 The upstream slot bounds concurrent upstream calls, the expensive and
 rate-limited resource. It is held for the whole upstream response and
-released when it ends. `open_call` is one attempt, returning once response
-headers arrive (or raising a ProxyError): the unit a retry or fallback
-loop wraps. `relay_into` then logs the response into the stream.
+released when it ends. `call_with_retries` (`proxy.attempts`) opens the
+response inside that slot: one attempt per target tried, retries and
+fallbacks only before the head, so a retry is never a new call for the
+stage limit. `relay_into` then logs the response into the stream.
 """
 
 from __future__ import annotations
 
 import aiohttp
-import orjson
 
+from proxy.attempts import call_with_retries
 from proxy.classify import Ending, EventClassifier
 from proxy.endpoint import Endpoint
-from proxy.errors import ProxyError, UpstreamBroken
-from proxy.headers import downstream_response_headers
+from proxy.errors import UpstreamBroken
+from proxy.headers import ATTEMPTS_HEADER, downstream_response_headers
 from proxy.intake import Intake
 from proxy.prepare import Outgoing
 from proxy.runtime import Runtime
 from proxy.sse import SSEDecoder
 from proxy.stream import Head, Stream
-from proxy.upstream import open_upstream, read_chunks, upstream_url
+from proxy.upstream import read_chunks
 
 
 async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) -> None:
     """Under an upstream slot: send `outgoing`, log the answer into `stream`."""
-    route = intake.route
-    async with rt.stages.upstream.slot(intake.request_id):
-        with rt.pool.lease(route.upstream_name, route.upstream) as session:
-            response = await open_call(rt, session, intake, outgoing)
-            await relay_into(stream, outgoing.endpoint, response, route.upstream.idle_timeout)
-
-
-async def open_call(
-    rt: Runtime, session: aiohttp.ClientSession, intake: Intake, outgoing: Outgoing
-) -> aiohttp.ClientResponse:
-    route = intake.route
-    config = route.upstream
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
     body = outgoing.endpoint.upstream_body(outgoing.body)
-    url = upstream_url(config, outgoing.path, intake.query)
-    try:
-        response = await open_upstream(session, config, "POST", url, headers, orjson.dumps(body))
-    except ProxyError:
-        rt.metrics.upstream_call(route.index, None)
-        raise
-    rt.metrics.upstream_call(route.index, response.status)
-    return response
+    async with rt.stages.upstream.slot(intake.request_id):
+        # Each attempt is recorded on the stream and counted in the metrics there.
+        opened = await call_with_retries(
+            rt, stream, intake.route, outgoing.path, intake.query, headers, body
+        )
+        with opened.lease:
+            # The answering target's idle timeout: a fallback may be slower.
+            await relay_into(
+                stream, outgoing.endpoint, opened.response, opened.upstream.idle_timeout
+            )
 
 
 async def relay_into(
@@ -58,6 +49,7 @@ async def relay_into(
     clean = False
     try:
         down = downstream_response_headers(response.headers)
+        down[ATTEMPTS_HEADER] = str(len(stream.attempts))
         is_sse = response.content_type == "text/event-stream"
         if response.status >= 300 or not is_sse:
             chunks = [chunk async for chunk in read_chunks(response, idle_timeout)]

@@ -33,12 +33,20 @@ SETTING_HELP = {
     "header_delay": "seconds before sending the response headers at all (default: %(default)s)",
     "error_status": "answer every completion, embedding and response POST with this "
     "status (400-599) and an OpenAI-style error body, e.g. 429 or 500 (default: off)",
+    "error_times": "with --status: only the first N such POSTs get the error, later ones "
+    "answer normally (default: every one)",
+    "retry_after": "the Retry-After header on error answers, seconds or an HTTP date "
+    '(default: "1" on a 429, none otherwise)',
+    "retry_after_ms": "the retry-after-ms header on error answers, as OpenAI sends it "
+    "(default: none)",
     "drop_after": "streams only: cut the connection after N events, mid-stream (default: off)",
     "require_key": "answer 401 unless the request has `Authorization: Bearer KEY` "
     "(default: any key, or none, is accepted)",
     "embedding_dims": "length of each embedding vector (default: %(default)s)",
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
+_TEXT_SETTINGS = frozenset({"require_key", "retry_after"})
+_METAVARS = {"require_key": "KEY", "retry_after": "S|DATE", "retry_after_ms": "MS"}
 
 
 def _epilog() -> str:
@@ -75,13 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=9000, help="listen port (default: %(default)s)")
     for name, text in SETTING_HELP.items():
         default = getattr(defaults, name)
-        kind = str if name == "require_key" else type(default) if default is not None else int
+        kind = str if name in _TEXT_SETTINGS else type(default) if default is not None else int
         parser.add_argument(
             _FLAGS.get(name, "--" + name.replace("_", "-")),
             dest=name,
             type=float if kind is float else kind,
             default=default,
-            metavar="KEY" if name == "require_key" else "N",
+            metavar=_METAVARS.get(name, "N"),
             help=text,
         )
     parser.add_argument(
