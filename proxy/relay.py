@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
-from proxy.headers import downstream_response_headers
-from proxy.reply import SERVED_BY
+from proxy.headers import SERVED_BY, Served, downstream_response_headers
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
@@ -60,6 +60,20 @@ async def relay(
     rt: Runtime,
     limit: int,
 ) -> web.StreamResponse:
+    # The session is held until the response is relayed: a reload that
+    # replaces the upstream closes it only after.
+    with rt.pool.lease(route.upstream_name, route.upstream) as session:
+        return await _relay(request, route, request_id, rt, limit, session)
+
+
+async def _relay(
+    request: web.Request,
+    route: CompiledRoute,
+    request_id: str,
+    rt: Runtime,
+    limit: int,
+    session: aiohttp.ClientSession,
+) -> web.StreamResponse:
     config = route.upstream
     headers = route.upstream_headers(request.headers, request_id)
     accept = request.headers.get("Accept-Encoding")
@@ -76,7 +90,6 @@ async def relay(
                 # An encoded body arrives decoded, so its length is not this one.
                 headers["Content-Length"] = str(length)
         body = _LimitedBody(request, limit)
-    session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, request.path, request.query_string)
     try:
         upstream = await open_upstream(
@@ -96,7 +109,7 @@ async def relay(
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)
     if trail is not None:
-        trail.served, trail.upstream = "bypass", upstream.status
+        trail.served, trail.upstream = Served.BYPASS, upstream.status
     clean = False
     try:
         out_headers = downstream_response_headers(upstream.headers)
@@ -104,7 +117,7 @@ async def relay(
         if encoding is not None:
             out_headers["Content-Encoding"] = encoding  # the bytes below are still encoded
         out_headers["X-Request-Id"] = request_id
-        out_headers[SERVED_BY] = "bypass"
+        out_headers[SERVED_BY] = Served.BYPASS
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         is_sse = upstream.content_type == "text/event-stream"
         if upstream.content_length is not None and not is_sse:

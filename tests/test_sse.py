@@ -41,7 +41,7 @@ def _triples(events: list[SSEEvent]) -> list[tuple[bytes, str | None, bytes]]:
 
 def _decode(parts: list[bytes]) -> list[tuple[bytes, str | None, bytes]]:
     decoder = SSEDecoder()
-    out = []
+    out: list[tuple[bytes, str | None, bytes]] = []
     for part in parts:
         out.extend(_triples(decoder.feed(part)))
     out.extend(_triples(decoder.finish()))

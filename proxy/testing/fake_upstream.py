@@ -58,6 +58,9 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-ttft": ("ttft", float),
     "x-fake-header-delay": ("header_delay", float),
     "x-fake-status": ("error_status", int),
+    "x-fake-error-times": ("error_times", int),
+    "x-fake-retry-after": ("retry_after", str),
+    "x-fake-retry-after-ms": ("retry_after_ms", int),
     "x-fake-drop-after": ("drop_after", int),
     "x-fake-dialect": ("dialect", str),
     "x-fake-line-ending": ("line_ending", str),
@@ -65,6 +68,11 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
 }
 # Azure's deployment paths, answered like their /v1 twins.
 _AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
+
+
+def header_knobs() -> dict[str, str]:
+    """Each `x-fake-*` request header and the `FakeSettings` field it overrides."""
+    return {header: name for header, (name, _) in _HEADER_FIELDS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +90,9 @@ def _canonical_raw(raw: bytes) -> bytes:
         return raw  # not a JSON object: counted by its exact bytes
 
 
-def _error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def _error_response(
+    status: int, message: str, code: str | None = None, settings: FakeSettings | None = None
+) -> web.Response:
     kind = "requests" if status == 429 else "server_error" if status >= 500 else None
     if status == 429:
         code = code or "rate_limit_exceeded"
@@ -98,6 +108,10 @@ def _error_response(status: int, message: str, code: str | None = None) -> web.R
     if status == 429:
         headers["Retry-After"] = "1"
         headers["x-ratelimit-remaining-requests"] = "0"
+    if settings is not None and settings.retry_after is not None:
+        headers["Retry-After"] = settings.retry_after
+    if settings is not None and settings.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(settings.retry_after_ms)
     return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
@@ -120,6 +134,7 @@ class FakeUpstream:
         self.calls_by_path: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
+        self.errors_sent = 0  # error_status answers, counted for error_times
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -151,6 +166,7 @@ class FakeUpstream:
         self.calls.clear()
         self.calls_by_path.clear()
         self.requests.clear()
+        self.errors_sent = 0
         self.disconnects = 0
 
     # -- lifetime
@@ -264,10 +280,12 @@ class FakeUpstream:
         if settings.dialect == "azure" and "api-version" not in request.query:
             # What Azure answers a data-plane call without its api-version.
             raise Reject(404, "Resource not found", "404")
-        if settings.error_status is not None:
+        times = settings.error_times
+        if settings.error_status is not None and (times is None or self.errors_sent < times):
+            self.errors_sent += 1  # counted before any wait, so concurrent calls see it
             await self._hold_whole()
             status = settings.error_status
-            return _error_response(status, f"The fake upstream answers {status}.")
+            return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
 
     def _get(self, request: web.Request, settings: FakeSettings) -> web.Response:
