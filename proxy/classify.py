@@ -2,10 +2,14 @@
 
 `EventClassifier.feed(event)` turns one decoded SSE event into the
 `LogEvent` the stream logs (parsed once, usage chunk marked);
-`finish()` says what the whole stream was: complete (cacheable, with the
-assembled non-stream object), whole but not complete, an in-band upstream
-error, or cut before its end marker. The endpoint decides the end marker and
-the assembler. No I/O, no aiohttp: tested with the input split at every byte.
+`finish(truncated)` says what the whole stream was: complete (cacheable, with
+the assembled non-stream object), whole but not complete, an in-band upstream
+error (with the upstream's own error object), malformed (an event that is
+not a JSON object), or cut before its end. The endpoint decides the end
+marker and the assembler. A chat or completion stream that ends cleanly
+without `[DONE]` after every choice got its finish reason is whole: several
+servers close the connection there. No I/O, no aiohttp: tested with the
+input split at every byte.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 
 import orjson
 
-from proxy.endpoint import Endpoint
+from proxy.assemble import choices_finished, is_usage_chunk
+from proxy.endpoint import EndMarker, Endpoint
 from proxy.sse import DONE, SSEEvent
 from proxy.stream import LogEvent
 
@@ -24,14 +29,16 @@ from proxy.stream import LogEvent
 class Ending(enum.Enum):
     COMPLETE = "complete"  # whole and finished: cacheable
     INCOMPLETE = "incomplete"  # whole, but a choice or the response did not finish
-    UPSTREAM_ERROR = "upstream_error"  # an event carried an `error` key
-    TRUNCATED = "truncated"  # ended before its end marker
+    UPSTREAM_ERROR = "upstream_error"  # an in-band error: `error`, or a `type: "error"` event
+    MALFORMED = "malformed"  # whole, but an event is not a JSON object: relayed, never converted
+    TRUNCATED = "truncated"  # ended before its end
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     ending: Ending
     assembled: bytes | None  # the non-stream object, when the endpoint builds one
+    error: dict[str, Any] | None = None  # UPSTREAM_ERROR: the upstream's error object
 
 
 class EventClassifier:
@@ -39,7 +46,8 @@ class EventClassifier:
         self._endpoint = endpoint
         self._payloads: list[dict[str, Any]] = []
         self._ended = False  # the endpoint's end marker was seen
-        self._upstream_error = False
+        self._upstream_error: dict[str, Any] | None = None  # the first one
+        self._malformed = False
 
     def feed(self, event: SSEEvent) -> LogEvent:
         parsed: Any = None
@@ -55,19 +63,46 @@ class EventClassifier:
         usage_only = False
         if payload is not None:
             self._payloads.append(payload)
-            if "error" in payload:
-                self._upstream_error = True
-            usage_only = payload.get("choices") == [] and payload.get("usage") is not None
+            if self._upstream_error is None:
+                self._upstream_error = _in_band_error(payload)
+            usage_only = self._endpoint.adds_usage and is_usage_chunk(payload)
+        elif not done:
+            self._malformed = True
         return LogEvent(event.raw, parsed, usage_only)
 
-    def finish(self) -> Outcome:
-        if self._upstream_error:
-            return Outcome(Ending.UPSTREAM_ERROR, None)
-        if not self._ended:
+    def finish(self, truncated: bool = False) -> Outcome:
+        """What the stream was, once its input ended; `truncated`: it stopped mid-event."""
+        if self._upstream_error is not None:
+            return Outcome(Ending.UPSTREAM_ERROR, None, self._upstream_error)
+        if not self._ended and (
+            truncated
+            or self._endpoint.end is not EndMarker.DONE
+            or not choices_finished(self._payloads)
+        ):
             return Outcome(Ending.TRUNCATED, None)
+        if self._malformed:
+            return Outcome(Ending.MALFORMED, None)
         assemble = self._endpoint.assemble
         if assemble is None:
             return Outcome(Ending.COMPLETE, None)
         final, whole = assemble(self._payloads)
         assembled = None if final is None else orjson.dumps(final)
         return Outcome(Ending.COMPLETE if whole else Ending.INCOMPLETE, assembled)
+
+
+def _in_band_error(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The upstream's error object when `payload` is an in-band error, as the SDK sees one.
+
+    A chat or completion chunk carries a truthy `error` (often with
+    `finish_reason: "error"`); a Responses stream sends a `type: "error"`
+    event whose code and message are its own fields.
+    """
+    error = payload.get("error")
+    if error:
+        return error if isinstance(error, dict) else {"message": str(error)}
+    if payload.get("type") == "error":
+        return {name: value for name, value in payload.items() if name in _ERROR_FIELDS}
+    return None
+
+
+_ERROR_FIELDS = ("message", "code", "param")  # not `type` (it is "error") or `sequence_number`

@@ -43,6 +43,8 @@ def error_response(
 ) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
+    if served is not None:
+        headers.setdefault(SERVED_BY, served)  # a proxy-made error already says "error"
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 

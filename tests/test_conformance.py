@@ -107,17 +107,6 @@ class Case:
 
 def known_gap(case: Case) -> str | None:
     """Why this case still differs today, naming the item that fixes it; None: it must pass."""
-    streamed = case.endpoint in ("chat", "completions")
-    if case.dialect == "no_done" and streamed:
-        return "issue 11 item 5 (phase 2): a stream that ends without [DONE] is called broken"
-    if case.dialect == "litellm" and streamed and case.mode == "stream":
-        # The pump should withhold what assemble.is_usage_chunk says is the usage chunk.
-        return (
-            "issue 11 item 3 (phase 2): the pump withholds only `choices: []` usage, not LiteLLM's"
-        )
-    if case.dialect == "llamacpp" and case.endpoint == "chat" and case.mode == "stream":
-        # With include_usage llama.cpp moves `timings` from the last chunk to the usage chunk.
-        return "issue 11 phase 2: llama.cpp's timings ride the usage chunk the proxy withholds"
     return None
 
 
@@ -220,8 +209,11 @@ def _normal(value: Any) -> Any:
 
 
 def _comparable(case: Case, mode: str, answer: Any) -> Any:
+    dialect = DIALECT[case.dialect]
     if mode == "whole" and case.endpoint != "responses":
-        answer = DIALECT[case.dialect].foldable(answer)
+        answer = dialect.foldable(answer)
+    if mode == "stream" and case.endpoint == "chat":
+        answer = dialect.unasked_usage_chunks(answer)
     return _normal(answer)
 
 

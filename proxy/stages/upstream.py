@@ -15,7 +15,7 @@ import aiohttp
 from proxy.attempts import call_with_retries
 from proxy.classify import Ending, EventClassifier
 from proxy.endpoint import Endpoint
-from proxy.errors import UpstreamBroken
+from proxy.errors import InBandError, ProxyError, UpstreamBroken, UpstreamMalformed
 from proxy.headers import ATTEMPTS_HEADER, downstream_response_headers
 from proxy.intake import Intake
 from proxy.prepare import Outgoing
@@ -78,11 +78,16 @@ async def _events_into(
     classifier = EventClassifier(endpoint)
     async for chunk in read_chunks(response, idle_timeout):
         stream.append([classifier.feed(event) for event in decoder.feed(chunk)])
-    outcome = classifier.finish()
+    # The input ended cleanly: a held CR ends its event; an event begun is a cut.
+    stream.append([classifier.feed(event) for event in decoder.finish()])
+    outcome = classifier.finish(truncated=decoder.truncated)
     if outcome.ending is Ending.TRUNCATED:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
     stream.assembled = outcome.assembled
-    error = None
-    if outcome.ending is Ending.UPSTREAM_ERROR:
-        error = UpstreamBroken("llm-sidecar: the upstream sent an error")
+    # Neither error adds an event: streaming readers got the stream as the upstream sent it.
+    error: ProxyError | None = None
+    if outcome.ending is Ending.UPSTREAM_ERROR and outcome.error is not None:
+        error = InBandError(outcome.error)
+    elif outcome.ending is Ending.MALFORMED:
+        error = UpstreamMalformed("llm-sidecar: an event of the upstream's stream is not JSON")
     stream.end(complete=outcome.ending is Ending.COMPLETE, error=error)

@@ -68,6 +68,8 @@ class FakeSettings:
     dialect: str = "openai"  # whose wire quirks to speak: one of DIALECTS
     line_ending: str = "lf"  # how SSE lines end: one of LINE_ENDINGS
     compress: str | None = None  # "gzip": JSON answers compressed when the caller accepts it
+    inband_error: int | None = None  # a stream ends with this error inside its 200 (fake_faults)
+    bad_body: str | None = None  # a 200 that is not the endpoint's answer (fake_faults)
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -89,6 +91,10 @@ class FakeSettings:
             raise ValueError(f"line_ending must be one of {', '.join(LINE_ENDINGS)}")
         if self.compress not in (None, "gzip", "deflate"):
             raise ValueError("compress must be gzip or deflate")
+        if self.inband_error is not None and not 400 <= self.inband_error <= 599:
+            raise ValueError("inband_error must be between 400 and 599")
+        if self.bad_body not in (None, "text", "json", "event"):
+            raise ValueError("bad_body must be text, json or event")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -106,6 +112,8 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "dialect": str,
     "line_ending": str,
     "compress": str,
+    "inband_error": int,
+    "bad_body": str,
 }
 _OPTIONAL_FIELDS = frozenset(
     {
@@ -116,6 +124,8 @@ _OPTIONAL_FIELDS = frozenset(
         "drop_after",
         "require_key",
         "compress",
+        "inband_error",
+        "bad_body",
     }
 )
 

@@ -33,9 +33,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.testing import fake_faults as faults
 from proxy.testing.dialects import DIALECT, frame
 from proxy.testing.fake_answers import (
     JSON,
+    LINE_ENDINGS,
     MODELS,
     FakeSettings,
     Reject,
@@ -65,6 +67,8 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-dialect": ("dialect", str),
     "x-fake-line-ending": ("line_ending", str),
     "x-fake-compress": ("compress", str),
+    "x-fake-inband-error": ("inband_error", int),
+    "x-fake-bad-body": ("bad_body", str),
 }
 # Azure's deployment paths, answered like their /v1 twins.
 _AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
@@ -280,6 +284,12 @@ class FakeUpstream:
         if settings.dialect == "azure" and "api-version" not in request.query:
             # What Azure answers a data-plane call without its api-version.
             raise Reject(404, "Resource not found", "404")
+        if settings.bad_body in ("text", "json") or (
+            settings.bad_body == "event" and body.get("stream") is not True
+        ):
+            await self._hold_whole()
+            content_type, bad = faults.bad_answer(settings.bad_body)
+            return web.Response(body=bad, headers={"Content-Type": content_type})
         times = settings.error_times
         if settings.error_status is not None and (times is None or self.errors_sent < times):
             self.errors_sent += 1  # counted before any wait, so concurrent calls see it
@@ -316,9 +326,10 @@ class FakeUpstream:
         meta = self._meta(body, "chatcmpl-")
         chunks = dialect.chat_chunks(meta, choices, usage, usage_requested(body))
         if body.get("stream") is True:
-            return await self._stream(request, settings, self._frames(settings, chunks))
+            frames = self._frames(settings, chunks, text=False)
+            return await self._stream(request, settings, frames)
         whole = dialect.chat_object(meta, choices, usage)
-        return await self._whole(request, settings, len(chunks), whole)
+        return await self._whole(request, settings, len(chunks), whole, faults.chunk_error)
 
     async def _completions(
         self, request: web.Request, body: JSON, settings: FakeSettings
@@ -330,15 +341,20 @@ class FakeUpstream:
         del meta["service_tier"]
         chunks = dialect.completion_chunks(meta, choices, usage, usage_requested(body))
         if body.get("stream") is True:
-            return await self._stream(request, settings, self._frames(settings, chunks))
+            frames = self._frames(settings, chunks, text=True)
+            return await self._stream(request, settings, frames)
         whole = dialect.completion_object(meta, choices, usage)
-        return await self._whole(request, settings, len(chunks), whole)
+        return await self._whole(request, settings, len(chunks), whole, faults.chunk_error)
 
     @staticmethod
-    def _frames(settings: FakeSettings, chunks: list[JSON]) -> list[bytes]:
+    def _frames(settings: FakeSettings, chunks: list[JSON], text: bool) -> list[bytes]:
         ending = settings.line_ending
+        if settings.inband_error is not None:
+            # Two chunks of answer, then the error; the connection ends there.
+            error = faults.error_chunk(chunks[0], settings.inband_error, text)
+            return [frame(chunk, ending) for chunk in (*chunks[:2], error)]
         done = [frame(b"[DONE]", ending)] if DIALECT[settings.dialect].done else []
-        return [frame(chunk, ending) for chunk in chunks] + done
+        return _garbled(settings, [frame(chunk, ending) for chunk in chunks]) + done
 
     async def _embeddings(
         self, request: web.Request, body: JSON, settings: FakeSettings
@@ -371,10 +387,12 @@ class FakeUpstream:
         events = dialect.response_events(meta, item_id, plan, usage)
         if body.get("stream") is True:
             ending = settings.line_ending
+            if settings.inband_error is not None:
+                events = [*events[:3], faults.error_event(settings.inband_error, 3)]
             frames = [frame(event, ending, typed=True) for event in events]
-            return await self._stream(request, settings, frames)
+            return await self._stream(request, settings, _garbled(settings, frames))
         whole = dialect.response_object(meta, item_id, plan, usage)
-        return await self._whole(request, settings, len(events), whole)
+        return await self._whole(request, settings, len(events), whole, faults.response_error)
 
     # -- timing, holding and faults
 
@@ -412,7 +430,12 @@ class FakeUpstream:
         return response
 
     async def _whole(
-        self, request: web.Request, settings: FakeSettings, events: int, payload: JSON
+        self,
+        request: web.Request,
+        settings: FakeSettings,
+        events: int,
+        payload: JSON,
+        error_of: Callable[[int], JSON] | None = None,
     ) -> web.StreamResponse:
         # A non-stream answer arrives when the stream would have ended.
         delay = settings.ttft + settings.token_delay * max(events - 1, 0)
@@ -421,7 +444,20 @@ class FakeUpstream:
         await self._hold_whole()
         if settings.drop_after is not None:
             _abort(request)
+        status = settings.inband_error
+        if status is not None and error_of is not None:
+            # What failed mid-stream fails a whole answer with its status.
+            body = orjson.dumps({"error": error_of(status)})
+            return web.Response(status=status, body=body, content_type="application/json")
         return _json(request, payload, settings)
+
+
+def _garbled(settings: FakeSettings, frames: list[bytes]) -> list[bytes]:
+    """With `bad_body: event`, the second event of a stream is not JSON."""
+    if settings.bad_body != "event":
+        return frames
+    ending = LINE_ENDINGS[settings.line_ending]
+    return [*frames[:1], b"data: " + faults.NOT_JSON + ending + ending, *frames[1:]]
 
 
 def _abort(request: web.Request) -> None:

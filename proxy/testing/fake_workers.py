@@ -47,9 +47,16 @@ SETTING_HELP = {
     "line_ending": "how SSE lines end: " + ", ".join(LINE_ENDINGS) + " (default: %(default)s)",
     "compress": "compress JSON answers with gzip or deflate when the caller accepts it "
     "(default: off)",
+    "inband_error": "fail inside a 200: a stream sends two chunks, then an error chunk "
+    '(chat, completions) or a type "error" event (responses) with this status\'s code, and '
+    "ends; a non-stream answer is that error with this status (default: off)",
+    "bad_body": "answer 200 with what is not the endpoint's answer: text (text/plain), "
+    "json (JSON cut short), event (a stream whose second event is not JSON) (default: off)",
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
-_TEXT_SETTINGS = frozenset({"require_key", "retry_after", "dialect", "line_ending", "compress"})
+_TEXT_SETTINGS = frozenset(
+    {"require_key", "retry_after", "dialect", "line_ending", "compress", "bad_body"}
+)
 _METAVARS = {
     "require_key": "KEY",
     "retry_after": "S|DATE",
@@ -57,6 +64,8 @@ _METAVARS = {
     "dialect": "NAME",
     "line_ending": "lf|crlf|cr",
     "compress": "gzip|deflate",
+    "inband_error": "CODE",
+    "bad_body": "text|json|event",
 }
 
 

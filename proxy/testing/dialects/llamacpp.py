@@ -54,6 +54,10 @@ class LlamaCpp(Dialect):
             chunks.append({"choices": [], **head, "usage": self.whole_usage(usage)})
         chunks[-1] = {**chunks[-1], "timings": _timings(usage)}
 
+    def unasked_usage_chunks(self, chunks: list[JSON]) -> list[JSON]:
+        # With include_usage, `timings` leave the last chunk for the usage chunk.
+        return [{k: v for k, v in chunk.items() if k != "timings"} for chunk in chunks]
+
     def chat_object(self, meta: JSON, choices: list[Choice], usage: JSON) -> JSON:
         return {**super().chat_object(meta, choices, usage), "timings": _timings(usage)}
 

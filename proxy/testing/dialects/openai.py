@@ -58,6 +58,12 @@ class Dialect:
         """`whole` without what its stream cannot say (the proxy's assembly cannot know it)."""
         return whole
 
+    def unasked_usage_chunks(self, chunks: list[JSON]) -> list[JSON]:
+        """A chat stream without `include_usage`, less what this server moves onto the
+        usage chunk when usage is asked: the proxy asks, and withholds that chunk from
+        a reader who did not, so such a reader gets it nowhere (README)."""
+        return chunks
+
     # -- chat
 
     def chat_chunks(
