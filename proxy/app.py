@@ -54,8 +54,9 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/status", status_endpoint)
-    app.router.add_route("*", "/v1/{tail:.*}", api)
-    app.router.add_route("*", "/v1", api)
+    # Every other path is the policy's to route (Azure's live under /openai);
+    # a path no route matches is an OpenAI-style 404.
+    app.router.add_route("*", "/{tail:.*}", api)
     app.cleanup_ctx.append(_resources)
     return app
 

@@ -100,7 +100,13 @@ def coalescible_intake(
     else:
         tenant = tenant_of(first_credential(request.headers))
     key = request_key(
-        tenant, route.upstream_name, request.method, request.path, body, config.ignore_fields
+        tenant,
+        route.upstream_name,
+        request.method,
+        request.path,
+        body,
+        config.ignore_fields,
+        query=request.rel_url.raw_query_string,
     )
     cache_read, cache_write = _cache_directives(request)
     cache = config.cache

@@ -1,7 +1,8 @@
 """Request keys and tenants: pure functions, no I/O.
 
-A key identifies "the same request": same tenant, upstream, method, path and
-canonical body minus the fields the route ignores. The tenant is a hash of
+A key identifies "the same request": same tenant, upstream, method, path,
+query string (Azure's `api-version`) and canonical body minus the fields the
+route ignores. The tenant is a hash of
 a credential or header value; the raw value never leaves this module.
 """
 
@@ -38,10 +39,18 @@ def request_key(
     path: str,
     body: Mapping[str, Any],
     ignore: Iterable[str],
+    *,
+    query: str = "",
 ) -> str:
+    """`query` is the raw query string; a request without one keys as before
+    the query was part of the key, so entries cached then stay reachable."""
     digest = hashlib.sha256()
     for part in (tenant, upstream, method.upper(), path):
         digest.update(part.encode())
         digest.update(b"\0")
+    if query:
+        # "?" cannot start the canonical body (always "{"): no collision with a
+        # request without a query.
+        digest.update(b"?" + query.encode() + b"\0")
     digest.update(canonical_body(body, ignore))
     return digest.hexdigest()

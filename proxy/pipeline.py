@@ -39,6 +39,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
         raw = await read_body(request, policy.limits.max_body_bytes)
         intake = coalescible_intake(request, route, endpoint, raw, request_id)
+        if endpoint.stateful(intake.body):
+            # Each call changes state upstream: it must reach it every time, as sent.
+            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes, raw)
         return await coalesce(request, intake, rt)
     except ProxyError as exc:
         return error_response(exc, request_id)

@@ -59,11 +59,13 @@ async def relay(
     request_id: str,
     rt: Runtime,
     limit: int,
+    read: bytes | None = None,
 ) -> web.StreamResponse:
+    """Relay `request`; `read` is its body when intake already read it."""
     # The session is held until the response is relayed: a reload that
     # replaces the upstream closes it only after.
     with rt.pool.lease(route.upstream_name, route.upstream) as session:
-        return await _relay(request, route, request_id, rt, limit, session)
+        return await _relay(request, route, request_id, rt, limit, session, read)
 
 
 async def _relay(
@@ -73,6 +75,7 @@ async def _relay(
     rt: Runtime,
     limit: int,
     session: aiohttp.ClientSession,
+    read: bytes | None,
 ) -> web.StreamResponse:
     config = route.upstream
     headers = route.upstream_headers(request.headers, request_id)
@@ -80,7 +83,8 @@ async def _relay(
     if accept is not None:
         headers["Accept-Encoding"] = accept
     body: _LimitedBody | None = None
-    if request.body_exists:
+    # A body intake `read` was read whole, under the limit and decoded: sent as bytes.
+    if read is None and request.body_exists:
         length = request.content_length
         if length is not None:
             if length > limit:
@@ -98,7 +102,7 @@ async def _relay(
             request.method,
             url,
             headers,
-            body.chunks() if body else None,
+            read if read is not None else body.chunks() if body else None,
             passthrough=True,
         )
     except ProxyError as exc:

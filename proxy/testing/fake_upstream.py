@@ -14,8 +14,9 @@ an out-of-process fake is driven by `x-fake-*` request headers (or the same
 knobs as `fake_*` query parameters: `x-fake-dialect: vllm` or
 `?fake_dialect=vllm`) and the `/_fake/*` control endpoints. Azure's own paths
 (`/openai/deployments/{name}/chat/completions`, `.../completions`,
-`.../embeddings`, `/openai/responses`) answer like their `/v1` twins, in the
-`azure` dialect unless a knob names another.
+`.../embeddings`, `.../responses`, `/openai/responses`, and the v1 API's
+`/openai/v1/...`) answer like their `/v1` twins, in the `azure` dialect
+unless a knob names another.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-bad-body": ("bad_body", str),
 }
 # Azure's deployment paths, answered like their /v1 twins.
-_AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
+_AZURE_PATH = re.compile(
+    r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings|responses)"
+)
 
 
 def header_knobs() -> dict[str, str]:
@@ -281,7 +284,8 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
-        if settings.dialect == "azure" and "api-version" not in request.query:
+        versioned = not request.path.startswith("/openai/v1/")  # Azure's v1 API takes none
+        if settings.dialect == "azure" and versioned and "api-version" not in request.query:
             # What Azure answers a data-plane call without its api-version.
             raise Reject(404, "Resource not found", "404")
         if settings.bad_body in ("text", "json") or (
@@ -392,6 +396,10 @@ class FakeUpstream:
             frames = [frame(event, ending, typed=True) for event in events]
             return await self._stream(request, settings, _garbled(settings, frames))
         whole = dialect.response_object(meta, item_id, plan, usage)
+        if body.get("background") is True:
+            # A background create answers at once with the queued response.
+            queued: JSON = {"status": "queued", "output": [], "usage": None, "background": True}
+            return _json(request, {**whole, **queued}, settings)
         return await self._whole(request, settings, len(events), whole, faults.response_error)
 
     # -- timing, holding and faults
@@ -482,10 +490,12 @@ def _json(request: web.Request, payload: JSON, settings: FakeSettings) -> web.Re
 
 
 def _api_path(path: str) -> str:
-    """Azure's deployment paths are the /v1 endpoints under another name."""
+    """Azure's paths are the /v1 endpoints under other names."""
     azure = _AZURE_PATH.fullmatch(path)
     if azure is not None:
         return "/v1/" + azure.group(1)
+    if path.startswith("/openai/v1/"):
+        return path.removeprefix("/openai")
     return "/v1/responses" if path == "/openai/responses" else path
 
 
