@@ -35,7 +35,15 @@ if not callable(getattr(StreamWriter, "send_headers", None)):
         "llm-sidecar: aiohttp's StreamWriter.send_headers is gone; fan-out needs it."
         " Install the aiohttp series pyproject.toml pins."
     )
-_DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
+# A JSON reply built from a stream (or a cache hit) is not a stream: the
+# upstream's framing and its stream-only headers do not describe it.
+_DROP_FROM_JSON = (
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "cache-control",
+    "x-accel-buffering",
+)
 
 
 def error_response(

@@ -4,7 +4,9 @@ Runs at the end of the pump task, after the upstream slot is released. The
 stream stays published (and joinable, being complete) until the write lands,
 so an identical request arriving in between follows it instead of calling
 the upstream again. Nothing partial is ever written: only a stream that
-ended complete, on a route with a cache, for a caller that allows writes.
+ended complete, on a route with a cache, for a caller that allows writes,
+and only an answer of the endpoint's own type (a plain body is checked
+here, the one place it is parsed; a stream's events were, as they came).
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ async def write_answer(cache: Cache, stream: Stream, intake: Intake) -> None:
         return
     if config is None or config.ttl <= 0:
         return
-    pending = cache.store(intake.key, answer_of(stream), config.ttl)
+    answer = answer_of(stream)
+    if not answer.is_sse and not intake.endpoint.well_formed(answer.content_type, answer.body):
+        return  # a 200 that is not the endpoint's answer is relayed, never replayed
+    pending = cache.store(intake.key, answer, config.ttl)
     if pending is not None:
         # wait, not await: a cancelled pump must not cancel the cache's write.
         await asyncio.wait((pending,))

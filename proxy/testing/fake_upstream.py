@@ -418,7 +418,12 @@ class FakeUpstream:
     async def _stream(
         self, request: web.Request, settings: FakeSettings, events: list[bytes]
     ) -> web.StreamResponse:
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        headers = {
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # as vLLM, LiteLLM and others send with a stream
+            **_PER_CALL,
+        }
         response = web.StreamResponse(headers={**headers, **_request_id(request)})
         drop = settings.drop_after
         try:
@@ -475,12 +480,16 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
+# A header that describes one call, not its answer, as OpenAI sends on every answer.
+_PER_CALL = {"openai-processing-ms": "1"}
+
+
 def _request_id(request: web.Request) -> dict[str, str]:
     return {"x-request-id": request.headers.get("x-request-id") or f"req_{secrets.token_hex(8)}"}
 
 
 def _json(request: web.Request, payload: JSON, settings: FakeSettings) -> web.Response:
-    headers = {"Content-Type": "application/json", **_request_id(request)}
+    headers = {"Content-Type": "application/json", **_PER_CALL, **_request_id(request)}
     response = web.Response(body=orjson.dumps(payload), headers=headers)
     accepted = request.headers.get("Accept-Encoding", "")
     if settings.compress is not None and settings.compress in accepted:
