@@ -101,6 +101,9 @@ class StreamSettings(_Model):
     max_log_bytes: Size = 16 * 1024 * 1024
     keepalive_interval: Duration = 5.0
     write_high_water: Size = 256 * 1024
+    # A caller whose socket does not drain within this, once its buffer
+    # passed `write_high_water`, is dropped (alone).
+    write_timeout: Duration = Field(10.0, gt=0)
 
 
 class Reload(_Model):
