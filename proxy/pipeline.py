@@ -37,7 +37,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         policy = snapshot.loaded.policy
         endpoint = route.endpoint(request.method, request.path)
         if endpoint is None:
-            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
+            return await relay(
+                request, route, request_id, rt, policy.limits.max_body_bytes, policy.stream
+            )
         raw = await read_body(request, policy.limits.max_body_bytes)
         intake = coalescible_intake(request, route, endpoint, raw, request_id)
         return await send_whole(request, await coalesce(request, intake, rt), policy.stream)

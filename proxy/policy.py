@@ -51,6 +51,11 @@ class Upstream(_Model):
     first_byte_timeout: Duration = 120.0
     idle_timeout: Duration = 60.0
     max_connections: int = Field(256, ge=1)
+    # Bounds on one response, whatever the upstream sends: past any of them
+    # the call ends with an error, its connection closed, nothing cached.
+    max_response_bytes: Size = Field(256 * 1024 * 1024, ge=1)
+    max_event_bytes: Size = Field(16 * 1024 * 1024, ge=1)
+    max_duration: Duration = Field(1800.0, gt=0)
 
     @field_validator("base_url")
     @classmethod

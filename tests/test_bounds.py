@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 
@@ -214,6 +215,242 @@ async def test_a_whole_body_caller_that_stops_reading_is_dropped_alone(
             assert await _cut_by_proxy(stalled)
     finally:
         stalled.close()
+    await wait_idle(proxy.runtime)
+
+
+# --- item 4: an upstream response past its bounds ----------------------------
+
+# bound: (upstream policy, fake settings, error code)
+BOUNDS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "bytes": (
+        {"max_response_bytes": "256KiB"},
+        {"endless": "events", "token_padding": 1024},
+        "upstream_response_too_large",
+    ),
+    "event": (
+        {"max_event_bytes": "256KiB"},
+        {"endless": "line"},
+        "upstream_event_too_large",
+    ),
+    "duration": (
+        {"max_duration": "400ms"},
+        {"endless": "events", "token_delay": 0.005},
+        "upstream_response_too_long",
+    ),
+}
+
+
+def _bounded_policy(upstream: dict[str, Any], on_abandon: str = "finish") -> dict[str, Any]:
+    return {
+        "upstreams": {"fake": upstream},
+        "routes": [
+            {
+                "match": {"path": "/v1/*"},
+                "upstream": "fake",
+                "on_abandon": on_abandon,
+                "cache": {"ttl": "1h"},
+            }
+        ],
+    }
+
+
+async def _assert_nothing_cached(fake: FakeUpstream, proxy: RunningProxy, body: Any) -> None:
+    fake.settings = replace(fake.settings, endless=None, token_delay=0.0, token_padding=0)
+    fake.hold_after = None
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", body)
+    assert status == 200
+    assert headers["x-llm-sidecar"] == "lead"
+
+
+@pytest.mark.parametrize("bound", list(BOUNDS))
+async def test_a_response_past_a_bound_ends_with_an_error_for_every_reader(
+    fake: FakeUpstream, start_proxy: StartProxy, bound: str
+) -> None:
+    upstream, settings, code = BOUNDS[bound]
+    proxy = await start_proxy(_bounded_policy(upstream))
+    rt = proxy.runtime
+    fake.settings = replace(fake.settings, **settings)
+    fake.hold_after = 0  # both readers attach before the first byte
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a", max_retries=0)
+    url = f"{proxy.base_url}/chat/completions"
+    try:
+
+        async def stream_reader() -> None:
+            chunks = await client.chat.completions.create(**CHAT, stream=True)
+            async for _ in chunks:
+                pass
+
+        async with aiohttp.ClientSession() as session:
+            streaming = asyncio.create_task(stream_reader())
+            plain = asyncio.create_task(post(session, url, CHAT, Authorization="Bearer sk-a"))
+            await wait_readers(proxy, 2)
+            stream = _live_stream(proxy)
+            fake.release.set()
+            async with asyncio.timeout(20):
+                with pytest.raises(openai.APIError) as raised:
+                    await streaming
+                plain_status, _, plain_body = await plain
+    finally:
+        await client.close()
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["code"] == code
+    assert plain_status == 502
+    assert orjson.loads(plain_body)["error"]["code"] == code
+    assert stream.error is not None and stream.error.code == code
+    cap = 256 * 1024
+    if bound != "duration":
+        # The log holds at most the cap (and the error event).
+        assert stream.size <= cap + len(stream.error.sse_event())
+    await until(lambda: fake.in_flight == 0)  # the upstream connection was closed
+    assert fake.disconnects == 1
+    await wait_idle(rt)
+    await _assert_nothing_cached(fake, proxy, CHAT)
+
+
+@pytest.mark.parametrize("bound", list(BOUNDS))
+async def test_a_response_nobody_reads_is_bounded_too(
+    fake: FakeUpstream, start_proxy: StartProxy, bound: str
+) -> None:
+    # on_abandon: finish keeps the call going for the cache after every
+    # caller left; the bound still ends it, and nothing partial is cached.
+    upstream, settings, code = BOUNDS[bound]
+    proxy = await start_proxy(_bounded_policy(upstream, on_abandon="finish"))
+    fake.settings = replace(fake.settings, **settings)
+    fake.hold_after = 0
+    body = {**CHAT, "stream": True}
+    session = aiohttp.ClientSession()
+    response = await session.post(f"{proxy.base_url}/chat/completions", json=body)
+    await wait_readers(proxy, 1)
+    stream = _live_stream(proxy)
+    response.close()
+    await session.close()
+    await until(lambda: stream.readers == 0)
+    fake.release.set()
+    async with asyncio.timeout(20):
+        await asyncio.shield(stream.finished)
+    assert stream.error is not None and stream.error.code == code
+    assert not stream.complete
+    await until(lambda: fake.in_flight == 0)
+    await wait_idle(proxy.runtime)
+    await _assert_nothing_cached(fake, proxy, body)
+
+
+@pytest.mark.parametrize("shape", ["endless", "declared"])
+async def test_a_plain_body_past_max_response_bytes_is_a_502(
+    fake: FakeUpstream, start_proxy: StartProxy, shape: str
+) -> None:
+    proxy = await start_proxy(_bounded_policy({"max_response_bytes": "64KiB"}))
+    if shape == "endless":
+        fake.settings = replace(fake.settings, endless="events")
+    else:  # a Content-Length over the cap is refused before reading the body
+        fake.settings = replace(fake.settings, embedding_dims=16384)
+    body = {"model": "emb", "input": ["a"], "encoding_format": "float"}
+    async with aiohttp.ClientSession() as session, asyncio.timeout(20):
+        status, _, answer = await post(session, f"{proxy.base_url}/embeddings", body)
+    assert status == 502
+    assert orjson.loads(answer)["error"]["code"] == "upstream_response_too_large"
+    await until(lambda: fake.in_flight == 0)
+    await wait_idle(proxy.runtime)
+
+
+async def test_healthz_answers_while_a_stream_without_newlines_runs(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    # A large cap, so the hostile stream runs for a while: every read must
+    # cost what it reads, not what is buffered, or the loop stalls.
+    proxy = await start_proxy(_bounded_policy({"max_event_bytes": "48MiB"}))
+    fake.settings = replace(fake.settings, endless="line")
+    fake.hold_after = 1
+    base = f"http://127.0.0.1:{proxy.port}"
+    async with aiohttp.ClientSession() as session:
+        reader = asyncio.create_task(post(session, f"{proxy.base_url}/chat/completions", CHAT))
+        await wait_readers(proxy, 1)
+        stream = _live_stream(proxy)
+        fake.release.set()
+        answered = 0
+        while not stream.finished.done():
+            async with asyncio.timeout(2), session.get(f"{base}/healthz") as health:
+                assert health.status == 200
+            answered += 1
+        async with asyncio.timeout(20):
+            status, _, answer = await reader
+    assert answered >= 1
+    assert status == 502
+    assert orjson.loads(answer)["error"]["code"] == "upstream_event_too_large"
+    await until(lambda: fake.in_flight == 0)
+    await wait_idle(proxy.runtime)
+
+
+# --- the relay gets the same bounds -------------------------------------------
+
+
+def _relay_policy(upstream: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "upstreams": {"fake": upstream},
+        "routes": [{"match": {"path": "/v1/*"}, "upstream": "fake", "coalesce": False}],
+    }
+
+
+@pytest.mark.parametrize("bound", ["bytes", "duration"])
+async def test_a_relayed_stream_past_a_bound_ends_with_an_error_event(
+    fake: FakeUpstream, start_proxy: StartProxy, bound: str
+) -> None:
+    upstream, settings, code = BOUNDS[bound]
+    proxy = await start_proxy(_relay_policy(upstream))
+    fake.settings = replace(fake.settings, **settings)
+    body = {**CHAT, "stream": True}
+    async with aiohttp.ClientSession() as session, asyncio.timeout(20):
+        status, headers, answer = await post(session, f"{proxy.base_url}/chat/completions", body)
+    assert status == 200
+    assert headers["x-llm-sidecar"] == "bypass"
+    last = answer.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == code
+    if bound == "bytes":
+        assert len(answer) <= 256 * 1024 + len(last) + 2
+    await until(lambda: fake.in_flight == 0)
+    await wait_idle(proxy.runtime)
+
+
+async def test_a_relayed_caller_that_stops_reading_is_dropped_with_its_upstream_call(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    policy = _relay_policy({})
+    policy["stream"] = _stall_policy("300ms")["stream"]
+    proxy = await start_proxy(policy)
+    # An upstream that never ends: only the proxy can end this exchange.
+    fake.settings = replace(fake.settings, endless="events", token_padding=PADDING)
+    stalled = await _stalled_caller(proxy.port, {**CHAT, "stream": True})
+    try:
+        await until(lambda: fake.in_flight == 1)
+        # The relay stops reading the upstream while the caller's socket is
+        # full; after the write timeout both connections are closed.
+        await until(lambda: fake.in_flight == 0, timeout=10)
+        assert fake.disconnects == 1
+        assert await _cut_by_proxy(stalled)
+    finally:
+        stalled.close()
+    await wait_idle(proxy.runtime)
+
+
+async def test_a_relayed_plain_body_past_max_response_bytes_is_refused_or_cut(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_relay_policy({"max_response_bytes": "64KiB"}))
+    body = {"model": "emb", "input": ["a"], "encoding_format": "float"}
+    url = f"{proxy.base_url}/embeddings"
+    async with aiohttp.ClientSession() as session:
+        # Declared over the cap: refused before anything reaches the caller.
+        fake.settings = replace(fake.settings, embedding_dims=16384)
+        status, _, answer = await post(session, url, body)
+        assert status == 502
+        assert orjson.loads(answer)["error"]["code"] == "upstream_response_too_large"
+        # Found over the cap while relaying: the caller sees a cut body.
+        fake.settings = replace(fake.settings, embedding_dims=8, endless="events")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(20):
+                await post(session, url, body)
+    await until(lambda: fake.in_flight == 0)
     await wait_idle(proxy.runtime)
 
 

@@ -5,6 +5,11 @@ rate-limited resource. It is held for the whole upstream response and
 released when it ends. `open_call` is one attempt, returning once response
 headers arrive (or raising a ProxyError): the unit a retry or fallback
 loop wraps. `relay_into` then logs the response into the stream.
+
+Every call is bounded by its upstream's `max_duration`, `max_response_bytes`
+and `max_event_bytes`: past one, the call ends with an error (the stream's
+readers get it, nothing is cached), its connection is closed and its slot
+released, whether or not anyone is still reading.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import orjson
 
 from proxy.classify import Ending, EventClassifier
 from proxy.endpoint import Endpoint
-from proxy.errors import ProxyError, UpstreamBroken
+from proxy.errors import ProxyError, UpstreamBroken, UpstreamEventTooLarge
 from proxy.headers import downstream_response_headers
 from proxy.intake import Intake
+from proxy.policy import Upstream
 from proxy.prepare import Outgoing
 from proxy.runtime import Runtime
-from proxy.sse import SSEDecoder
+from proxy.sse import EventTooLarge, SSEDecoder
 from proxy.stream import Head, Stream
-from proxy.upstream import open_upstream, read_chunks, upstream_url
+from proxy.upstream import deadline, open_upstream, read_chunks, upstream_url
 
 
 async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) -> None:
@@ -29,8 +35,9 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
     route = intake.route
     async with rt.stages.upstream.slot(intake.request_id):
         with rt.pool.lease(route.upstream_name, route.upstream) as session:
-            response = await open_call(rt, session, intake, outgoing)
-            await relay_into(stream, outgoing.endpoint, response, route.upstream.idle_timeout)
+            async with deadline(route.upstream):
+                response = await open_call(rt, session, intake, outgoing)
+                await relay_into(stream, outgoing.endpoint, response, route.upstream)
 
 
 async def open_call(
@@ -52,7 +59,7 @@ async def open_call(
 
 
 async def relay_into(
-    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, idle_timeout: float
+    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, config: Upstream
 ) -> None:
     """The response's head, events and end into `stream`; the response is released."""
     clean = False
@@ -60,7 +67,7 @@ async def relay_into(
         down = downstream_response_headers(response.headers)
         is_sse = response.content_type == "text/event-stream"
         if response.status >= 300 or not is_sse:
-            chunks = [chunk async for chunk in read_chunks(response, idle_timeout)]
+            chunks = [chunk async for chunk in read_chunks(response, config)]
             head = Head(response.status, down, is_sse=False, body=b"".join(chunks))
             if 200 <= response.status < 300:
                 stream.open(head)
@@ -70,7 +77,7 @@ async def relay_into(
                 stream.fail_before_head(head)
         else:
             stream.open(Head(response.status, down, is_sse=True))
-            await _events_into(stream, endpoint, response, idle_timeout)
+            await _events_into(stream, endpoint, response, config)
         clean = True
     finally:
         if clean:
@@ -80,12 +87,19 @@ async def relay_into(
 
 
 async def _events_into(
-    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, idle_timeout: float
+    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, config: Upstream
 ) -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(config.max_event_bytes)
     classifier = EventClassifier(endpoint)
-    async for chunk in read_chunks(response, idle_timeout):
-        stream.append([classifier.feed(event) for event in decoder.feed(chunk)])
+    async for chunk in read_chunks(response, config):
+        try:
+            events = decoder.feed(chunk)
+        except EventTooLarge as exc:
+            stream.append([classifier.feed(event) for event in exc.events])
+            raise UpstreamEventTooLarge(
+                f"llm-sidecar: an upstream event is over {config.max_event_bytes} bytes"
+            ) from exc
+        stream.append([classifier.feed(event) for event in events])
     outcome = classifier.finish()
     if outcome.ending is Ending.TRUNCATED:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
