@@ -103,6 +103,24 @@ class UpstreamBroken(ProxyError):
     code = "upstream_stream_error"
 
 
+class UpstreamTooLarge(UpstreamBroken):
+    """The upstream's response passed `max_response_bytes`."""
+
+    code = "upstream_response_too_large"
+
+
+class UpstreamEventTooLarge(UpstreamBroken):
+    """One event of the upstream's stream passed `max_event_bytes`."""
+
+    code = "upstream_event_too_large"
+
+
+class UpstreamTooLong(UpstreamBroken):
+    """The upstream's response was still running after `max_duration`."""
+
+    code = "upstream_response_too_long"
+
+
 class HookRejected(ProxyError):
     """A prepare hook answered with an error status; that status is ours too."""
 

@@ -54,6 +54,11 @@ class Upstream(_Model):
     first_byte_timeout: Duration = 120.0
     idle_timeout: Duration = 60.0
     max_connections: int = Field(256, ge=1)
+    # Bounds on one response, whatever the upstream sends: past any of them
+    # the call ends with an error, its connection closed, nothing cached.
+    max_response_bytes: Size = Field(256 * 1024 * 1024, ge=1)
+    max_event_bytes: Size = Field(16 * 1024 * 1024, ge=1)
+    max_duration: Duration = Field(1800.0, gt=0)
 
     @field_validator("base_url")
     @classmethod
@@ -104,6 +109,9 @@ class StreamSettings(_Model):
     max_log_bytes: Size = 16 * 1024 * 1024
     keepalive_interval: Duration = 5.0
     write_high_water: Size = 256 * 1024
+    # A caller whose socket does not drain within this, once its buffer
+    # passed `write_high_water`, is dropped (alone).
+    write_timeout: Duration = Field(10.0, gt=0)
 
 
 class Reload(_Model):

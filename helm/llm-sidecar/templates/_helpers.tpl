@@ -96,6 +96,11 @@ shutdown) come from the values; secrets appear only as env var names.
     "first_byte_timeout" $v.upstream.firstByteTimeout
     "idle_timeout" $v.upstream.idleTimeout
     "max_connections" $v.upstream.maxConnections }}
+{{- range $key, $value := dict "max_response_bytes" $v.upstream.maxResponseBytes "max_event_bytes" $v.upstream.maxEventBytes "max_duration" $v.upstream.maxDuration }}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $upstream $key $value }}
+{{- end }}
+{{- end }}
 {{- if include "llm-sidecar.hasApiKey" . }}
 {{- $_ := set $upstream "api_key_env" $v.upstream.apiKey.envVar }}
 {{- end }}
