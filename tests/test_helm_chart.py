@@ -826,3 +826,21 @@ def test_cross_replica_mistakes_are_refused_in_words(
     stderr = helm.template_error(*(arg for setting in settings for arg in ("--set", setting)))
     assert message in stderr
     assert "hunter2" not in stderr
+
+
+def test_the_docs_cross_replica_example_renders_the_policy_they_show(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """docs/kubernetes.md's values for sharing one Redis render, with this
+    chart, exactly the cache and cluster sections the page shows next to them."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = docs.split("## Many sidecars, one Redis")[1]
+    values_block, policy_block = (part.split("```")[0] for part in section.split("```yaml\n")[1:3])
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(yaml.safe_load(values_block)["llm-sidecar"]))
+    rendered = yaml.safe_load(policy_text(helm.template("-f", values)))
+    shown = yaml.safe_load(policy_block)
+    assert {k: rendered[k] for k in ("cache", "cluster")} == {
+        "cache": {**shown["cache"], "max_bytes": "128MiB", "timeout": "200ms"},
+        "cluster": shown["cluster"],
+    }
