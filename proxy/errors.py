@@ -105,6 +105,24 @@ class UpstreamBroken(ProxyError):
     code = "upstream_stream_error"
 
 
+class UpstreamTooLarge(UpstreamBroken):
+    """The upstream's response passed `max_response_bytes`."""
+
+    code = "upstream_response_too_large"
+
+
+class UpstreamEventTooLarge(UpstreamBroken):
+    """One event of the upstream's stream passed `max_event_bytes`."""
+
+    code = "upstream_event_too_large"
+
+
+class UpstreamTooLong(UpstreamBroken):
+    """The upstream's response was still running after `max_duration`."""
+
+    code = "upstream_response_too_long"
+
+
 class UpstreamMalformed(ProxyError):
     """A 2xx answer the proxy had to parse, and could not: it is not of the endpoint's type."""
 

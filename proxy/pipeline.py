@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.backpressure import send_whole
 from proxy.errors import ProxyError
 from proxy.intake import Intake, coalescible_intake, read_body, request_id_of, route_of
 from proxy.pump import pump
@@ -36,13 +37,16 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         policy = snapshot.loaded.policy
         endpoint = route.endpoint(request.method, request.path)
         if endpoint is None:
-            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
+            return await relay(
+                request, route, request_id, rt, policy.limits.max_body_bytes, policy.stream
+            )
         raw = await read_body(request, policy.limits.max_body_bytes)
         intake = coalescible_intake(request, route, endpoint, raw, request_id)
         if endpoint.stateful(intake.body):
             # Each call changes state upstream: it must reach it every time, as sent.
-            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes, raw)
-        return await coalesce(request, intake, rt)
+            limit = policy.limits.max_body_bytes
+            return await relay(request, route, request_id, rt, limit, policy.stream, raw)
+        return await send_whole(request, await coalesce(request, intake, rt), policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)
 

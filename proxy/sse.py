@@ -16,6 +16,10 @@ used CR LF, a blank line's CR at the end of a read is instead held for its
 LF (which the upstream wrote in the same breath), so that an event's bytes
 do not depend on how the reads were cut.
 
+With `max_event_bytes`, an event, the unfinished one, or the bytes that
+lead it (comments) past that many bytes raises `EventTooLarge`, so a body
+that never ends an event cannot grow the buffer without bound.
+
 Each event keeps `raw`, the exact bytes it was framed with, for a replay
 byte for byte. Bytes that dispatch nothing (comments, an event without
 data, the LF of a CR LF split from its CR) lead the next event's `raw`:
@@ -42,12 +46,42 @@ class SSEEvent:
     data: bytes  # data lines joined with "\n"
 
 
+class EventTooLarge(ValueError):
+    """An event (or the unfinished one) passed the decoder's `max_event_bytes`.
+
+    `events` are the whole events the same read held before it, so a caller
+    loses nothing that was complete.
+    """
+
+    def __init__(self, size: int, events: list[SSEEvent]) -> None:
+        super().__init__(f"an SSE event of at least {size} bytes")
+        self.size = size
+        self.events = events
+
+
 class SSEDecoder:
     """Incremental decoder; one per upstream response."""
 
-    __slots__ = ("_after_cr", "_crlf", "_data", "_event", "_held_cr", "_line", "_raw", "_started")
+    __slots__ = (
+        "_after_cr",
+        "_crlf",
+        "_data",
+        "_event",
+        "_held",
+        "_held_cr",
+        "_lead",
+        "_line",
+        "_max",
+        "_raw",
+        "_started",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self._max = max_event_bytes
+        # What `_raw` holds, and how much of it leads the next event (bytes
+        # that dispatched nothing): each is bounded by `_max` on its own.
+        self._held = 0
+        self._lead = 0
         # Only the read being fed is searched; what earlier reads left over
         # waits in these lists and is joined once, when its line or event ends.
         self._raw: list[bytes] = []  # fed bytes not yet part of a dispatched event
@@ -120,8 +154,13 @@ class SSEDecoder:
                 seg = term
             else:
                 self._event = None
+                self._lead = self._held + term - seg  # all so far leads the next event
         if seg < size:
             self._raw.append(chunk[seg:] if seg else chunk)
+            self._held += size - seg
+        cap = self._max
+        if cap is not None and (self._held - self._lead > cap or self._lead > cap):
+            raise EventTooLarge(max(self._held - self._lead, self._lead), events)
         return events
 
     def finish(self) -> list[SSEEvent]:
@@ -149,11 +188,17 @@ class SSEDecoder:
             self._raw = []
         else:
             raw = tail
+        self._held = 0
         if self._data:
+            own = len(raw) - self._lead
+            if self._max is not None and own > self._max:
+                raise EventTooLarge(own, events)
             data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
             events.append(SSEEvent(raw, self._event, data))
+            self._lead = 0
         elif raw:
             self._raw.append(raw)  # nothing to dispatch: these bytes lead the next event
+            self._held = self._lead = len(raw)
         self._data = []
         self._event = None
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from proxy.sse import SSEDecoder, SSEEvent
+from proxy.sse import EventTooLarge, SSEDecoder, SSEEvent
 
 # Every line ending the standard allows, a comment, an event without data,
 # a field without a colon, and a BOM.
@@ -151,3 +151,17 @@ def test_many_cr_lines_in_one_read_are_decoded_in_linear_time() -> None:
     spent = time.process_time() - started
     assert len(events) == 100_000
     assert spent < 2.0, f"{spent:.2f}s of CPU for {len(stream)} bytes"
+
+
+def test_comments_leading_an_event_are_bounded_apart_from_it() -> None:
+    # The comments before an event lead its raw bytes, but the cap counts the
+    # event alone: a keepalive before a 20-byte event passes a 20-byte cap.
+    event = b"data: [DONE]\n\n"
+    decoder = SSEDecoder(max_event_bytes=len(event))
+    assert [e.raw for e in decoder.feed(b": keep\n\n" + event)] == [b": keep\n\n" + event]
+    # Comments alone never grow the buffer past the cap either.
+    decoder = SSEDecoder(max_event_bytes=32)
+    with pytest.raises(EventTooLarge) as raised:
+        for _ in range(10):
+            decoder.feed(b": keepalive\n\n")
+    assert raised.value.events == []

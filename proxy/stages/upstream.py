@@ -6,6 +6,11 @@ released when it ends. `call_with_retries` (`proxy.attempts`) opens the
 response inside that slot: one attempt per target tried, retries and
 fallbacks only before the head, so a retry is never a new call for the
 stage limit. `relay_into` then logs the response into the stream.
+
+Every call is bounded by its upstream's `max_duration`, `max_response_bytes`
+and `max_event_bytes`: past one, the call ends with an error (the stream's
+readers get it, nothing is cached), its connection is closed and its slot
+released, whether or not anyone is still reading.
 """
 
 from __future__ import annotations
@@ -15,14 +20,21 @@ import aiohttp
 from proxy.attempts import call_with_retries
 from proxy.classify import Ending, EventClassifier
 from proxy.endpoint import Endpoint
-from proxy.errors import InBandError, ProxyError, UpstreamBroken, UpstreamMalformed
+from proxy.errors import (
+    InBandError,
+    ProxyError,
+    UpstreamBroken,
+    UpstreamEventTooLarge,
+    UpstreamMalformed,
+)
 from proxy.headers import ATTEMPTS_HEADER, downstream_response_headers
 from proxy.intake import Intake
+from proxy.policy import Upstream
 from proxy.prepare import Outgoing
 from proxy.runtime import Runtime
-from proxy.sse import SSEDecoder
+from proxy.sse import EventTooLarge, SSEDecoder
 from proxy.stream import Head, Stream
-from proxy.upstream import read_chunks
+from proxy.upstream import deadline, read_chunks
 
 
 async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) -> None:
@@ -30,20 +42,19 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
     body = outgoing.endpoint.upstream_body(outgoing.body)
-    async with rt.stages.upstream.slot(intake.request_id):
+    # max_duration counts from the slot: retries and their waits included.
+    async with rt.stages.upstream.slot(intake.request_id), deadline(intake.route.upstream):
         # Each attempt is recorded on the stream and counted in the metrics there.
         opened = await call_with_retries(
             rt, stream, intake.route, outgoing.path, intake.query, headers, body
         )
         with opened.lease:
-            # The answering target's idle timeout: a fallback may be slower.
-            await relay_into(
-                stream, outgoing.endpoint, opened.response, opened.upstream.idle_timeout
-            )
+            # The answering target's bounds and idle timeout: a fallback may differ.
+            await relay_into(stream, outgoing.endpoint, opened.response, opened.upstream)
 
 
 async def relay_into(
-    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, idle_timeout: float
+    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, config: Upstream
 ) -> None:
     """The response's head, events and end into `stream`; the response is released."""
     clean = False
@@ -52,7 +63,7 @@ async def relay_into(
         down[ATTEMPTS_HEADER] = str(len(stream.attempts))
         is_sse = response.content_type == "text/event-stream"
         if response.status >= 300 or not is_sse:
-            chunks = [chunk async for chunk in read_chunks(response, idle_timeout)]
+            chunks = [chunk async for chunk in read_chunks(response, config)]
             head = Head(response.status, down, is_sse=False, body=b"".join(chunks))
             if 200 <= response.status < 300:
                 stream.open(head)
@@ -62,7 +73,7 @@ async def relay_into(
                 stream.fail_before_head(head)
         else:
             stream.open(Head(response.status, down, is_sse=True))
-            await _events_into(stream, endpoint, response, idle_timeout)
+            await _events_into(stream, endpoint, response, config)
         clean = True
     finally:
         if clean:
@@ -72,12 +83,19 @@ async def relay_into(
 
 
 async def _events_into(
-    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, idle_timeout: float
+    stream: Stream, endpoint: Endpoint, response: aiohttp.ClientResponse, config: Upstream
 ) -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(config.max_event_bytes)
     classifier = EventClassifier(endpoint)
-    async for chunk in read_chunks(response, idle_timeout):
-        stream.append([classifier.feed(event) for event in decoder.feed(chunk)])
+    async for chunk in read_chunks(response, config):
+        try:
+            events = decoder.feed(chunk)
+        except EventTooLarge as exc:
+            stream.append([classifier.feed(event) for event in exc.events])
+            raise UpstreamEventTooLarge(
+                f"llm-sidecar: an upstream event is over {config.max_event_bytes} bytes"
+            ) from exc
+        stream.append([classifier.feed(event) for event in events])
     # The input ended cleanly: a held CR ends its event; an event begun is a cut.
     stream.append([classifier.feed(event) for event in decoder.finish()])
     outcome = classifier.finish(truncated=decoder.truncated)

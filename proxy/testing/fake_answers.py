@@ -65,6 +65,11 @@ class FakeSettings:
     drop_after: int | None = None  # stream: abort the connection after N events
     require_key: str | None = None  # when set, 401 unless `Authorization: Bearer <key>`
     embedding_dims: int = 8
+    token_padding: int = 0  # characters added to every content token, for large answers
+    # A hostile upstream: "events" repeats a stream's content events (a whole
+    # answer: its body) without end; "line" sends a stream that is one line
+    # (`data: xxx...`), never ended.
+    endless: str | None = None
     dialect: str = "openai"  # whose wire quirks to speak: one of DIALECTS
     line_ending: str = "lf"  # how SSE lines end: one of LINE_ENDINGS
     compress: str | None = None  # "gzip": JSON answers compressed when the caller accepts it
@@ -95,6 +100,8 @@ class FakeSettings:
             raise ValueError("inband_error must be between 400 and 599")
         if self.bad_body not in (None, "text", "json", "event"):
             raise ValueError("bad_body must be text, json or event")
+        if self.endless not in (None, *ENDLESS):
+            raise ValueError(f"endless must be one of {ENDLESS}")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -114,6 +121,8 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "compress": str,
     "inband_error": int,
     "bad_body": str,
+    "token_padding": int,
+    "endless": str,
 }
 _OPTIONAL_FIELDS = frozenset(
     {
@@ -126,8 +135,10 @@ _OPTIONAL_FIELDS = frozenset(
         "compress",
         "inband_error",
         "bad_body",
+        "endless",
     }
 )
+ENDLESS = ("events", "line")
 
 
 class Reject(Exception):
@@ -212,7 +223,8 @@ def _n(body: JSON) -> int:
 def _text_plan(seed: bytes, index: int, settings: FakeSettings, limit: int | None) -> Choice:
     count = settings.tokens if limit is None else min(settings.tokens, limit)
     rng = _rng(seed, index)
-    pieces = tuple(f"tok{rng.randrange(1000)} " for _ in range(count))
+    pad = "." * settings.token_padding
+    pieces = tuple(f"tok{rng.randrange(1000)}{pad} " for _ in range(count))
     logprobs = tuple(-round(rng.random() * 2, 4) for _ in range(count))
     finish = "length" if limit is not None and limit < settings.tokens else "stop"
     return Choice(index, pieces, logprobs, finish)

@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -428,6 +428,8 @@ class FakeUpstream:
         drop = settings.drop_after
         try:
             await response.prepare(request)
+            if settings.endless is not None:
+                await self._endless(response, settings, events)
             for number, event in enumerate(events if drop is None else events[:drop]):
                 delay = settings.ttft if number == 0 else settings.token_delay
                 if delay > 0:
@@ -442,6 +444,24 @@ class FakeUpstream:
             self.disconnects += 1
         return response
 
+    async def _endless(
+        self, response: web.StreamResponse, settings: FakeSettings, events: list[bytes]
+    ) -> NoReturn:
+        """The first events, then a content event (or one line) forever;
+        `hold_after` counts its writes as events."""
+        if settings.endless == "line":
+            head, piece = b"data: ", b"x" * 65536
+        else:
+            head, piece = b"".join(events[:2]), events[1]
+        await self._hold(0)
+        await response.write(head)
+        for number in itertools.count(1):
+            # sleep(0) still yields: a test's proxy shares this loop.
+            await asyncio.sleep(settings.token_delay)
+            await self._hold(number)
+            await response.write(piece)
+        raise AssertionError("unreachable")
+
     async def _whole(
         self,
         request: web.Request,
@@ -455,6 +475,8 @@ class FakeUpstream:
         if delay > 0:
             await asyncio.sleep(delay)
         await self._hold_whole()
+        if settings.endless is not None:
+            await _endless_body(request, settings)
         if settings.drop_after is not None:
             _abort(request)
         status = settings.inband_error
@@ -471,6 +493,16 @@ def _garbled(settings: FakeSettings, frames: list[bytes]) -> list[bytes]:
         return frames
     ending = LINE_ENDINGS[settings.line_ending]
     return [*frames[:1], b"data: " + faults.NOT_JSON + ending + ending, *frames[1:]]
+
+
+async def _endless_body(request: web.Request, settings: FakeSettings) -> NoReturn:
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"object": "list", "data": [')
+    piece = b"0, " * 16384
+    while True:
+        await asyncio.sleep(settings.token_delay)
+        await response.write(piece)
 
 
 def _abort(request: web.Request) -> None:

@@ -39,6 +39,10 @@ SETTING_HELP = {
     '(default: "1" on a 429, none otherwise)',
     "retry_after_ms": "the retry-after-ms header on error answers, as OpenAI sends it "
     "(default: none)",
+    "token_padding": "characters added to every content token, for large answers "
+    "(default: %(default)s)",
+    "endless": "never end: `events` streams events forever (a plain body: bytes forever), "
+    "`line` streams one line that never ends (default: off)",
     "drop_after": "streams only: cut the connection after N events, mid-stream (default: off)",
     "require_key": "answer 401 unless the request has `Authorization: Bearer KEY` "
     "(default: any key, or none, is accepted)",
@@ -55,9 +59,10 @@ SETTING_HELP = {
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
 _TEXT_SETTINGS = frozenset(
-    {"require_key", "retry_after", "dialect", "line_ending", "compress", "bad_body"}
+    {"require_key", "retry_after", "endless", "dialect", "line_ending", "compress", "bad_body"}
 )
 _METAVARS = {
+    "endless": "events|line",
     "require_key": "KEY",
     "retry_after": "S|DATE",
     "retry_after_ms": "MS",
