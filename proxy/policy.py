@@ -8,6 +8,7 @@ reason, so `llm-sidecar check` and a rejected SIGHUP say the same thing.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +46,19 @@ class Listen(_Model):
 
 class Limits(_Model):
     max_body_bytes: Size = 10 * 1024 * 1024
+    # A caller's request head must be complete this long after its first byte.
+    header_timeout: Duration = Field(10.0, gt=0)
+    # The whole request body must arrive this long after its head (408 otherwise).
+    body_timeout: Duration = Field(60.0, gt=0)
+    # An idle keep-alive connection is closed after this.
+    idle_timeout: Duration = Field(75.0, gt=0)
+
+
+class Admin(_Model):
+    """A separate listener for /status, /metrics, /healthz and /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
 
 
 class Upstream(_Model):
@@ -95,6 +109,8 @@ class Cache(_Model):
     url: str = "redis://127.0.0.1:6379/0"
     password_env: str | None = None
     max_bytes: Size = 256 * 1024 * 1024
+    # Larger answers are served but not stored (and counted), in every backend.
+    max_entry_bytes: Size = 16 * 1024 * 1024
     timeout: Duration = 0.2
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
@@ -131,6 +147,9 @@ class Match(_Model):
         if not value.startswith(("/", "*")):
             raise ValueError("path must start with / (globs: * matches any characters)")
         return value
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class RouteCache(_Model):
@@ -185,14 +204,25 @@ class Route(_Model):
     share_across_tenants: bool = False
     tenant_header: str | None = None
     ignore_fields: tuple[str, ...] = ("stream", "stream_options", "user")
+    # Request headers whose values are part of the key (e.g. OpenAI-Organization).
+    vary_headers: tuple[str, ...] = ()
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
+
+    @field_validator("vary_headers")
+    @classmethod
+    def _check_vary(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return tuple(name.lower() for name in value)
 
 
 class Policy(_Model):
     version: str | None = None
     listen: Listen = Listen()
+    admin: Admin | None = None
     limits: Limits = Limits()
     log: Log = Log()
     upstreams: dict[str, Upstream] = Field(min_length=1)
