@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.cache.breaker import CircuitBreaker
-from proxy.cache.lane import Backend, CacheLane
+from proxy.cache.lane import WRITE_BYTES_PER_SECOND, Backend, CacheLane
 from proxy.cache.memory import MemoryBackend
 from proxy.cache.redis import RedisBackend
 from proxy.policy import Policy, PolicyError
@@ -37,7 +37,11 @@ def build_cache(
                 )
         try:
             backend = RedisBackend(
-                config.url, password=password, timeout=config.timeout, key_prefix=config.key_prefix
+                config.url,
+                password=password,
+                timeout=config.timeout,
+                key_prefix=config.key_prefix,
+                write_timeout=config.timeout + config.max_entry_bytes / WRITE_BYTES_PER_SECOND,
             )
         except ValueError as exc:  # a malformed URL; redis-py's message omits credentials
             raise PolicyError(source, "cache.url", str(exc)) from exc
@@ -47,4 +51,5 @@ def build_cache(
         max_queue=policy.stages.cache.max_queue,
         timeout=config.timeout,
         breaker=CircuitBreaker(config.breaker.failures, config.breaker.reset_after),
+        max_entry_bytes=config.max_entry_bytes,
     )

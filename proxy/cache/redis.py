@@ -37,17 +37,37 @@ from proxy.cache.base import CachedAnswer
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, url: str, *, password: str | None, timeout: float, key_prefix: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None,
+        timeout: float,
+        key_prefix: str,
+        write_timeout: float | None = None,
+    ) -> None:
         self._prefix = key_prefix
-        # A password in the URL wins over `password` (redis-py's rule).
-        self._client = Redis.from_url(
-            url,
-            password=password,
-            decode_responses=False,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+
+        def client(socket_timeout: float) -> Redis:
+            # A password in the URL wins over `password` (redis-py's rule).
+            return Redis.from_url(
+                url,
+                password=password,
+                decode_responses=False,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+
+        self._client = client(timeout)
+        # Writes get their own pool, whose socket timeout leaves room for the
+        # largest entry (`write_timeout`): a big write must neither time out
+        # for its size alone nor hold a connection lookups are waiting for.
+        self._writer = (
+            self._client
+            if write_timeout is None or write_timeout <= timeout
+            else client(write_timeout)
         )
 
     async def get(self, key: str) -> CachedAnswer | codec.Corrupt | None:
@@ -63,12 +83,18 @@ class RedisBackend:
         return codec.CORRUPT if answer is None else answer
 
     async def set(self, key: str, answer: CachedAnswer, ttl: float) -> None:
-        await self._client.set(
-            self._prefix + key, codec.encode(answer), px=max(1, round(ttl * 1000))
-        )
+        try:
+            await self._writer.set(
+                self._prefix + key, codec.encode(answer), px=max(1, round(ttl * 1000))
+            )
+        except redis_errors.TimeoutError as exc:
+            # A slow write is not a sick backend; the lane tells them apart by this type.
+            raise TimeoutError("redis write timed out") from exc
 
     async def delete(self, key: str) -> None:
         await self._client.delete(self._prefix + key)
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._writer is not self._client:
+            await self._writer.aclose()
