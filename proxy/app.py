@@ -1,8 +1,10 @@
 """The aiohttp application: routes, resources and their lifetimes.
 
 `build_app` wires a `Runtime` onto a new app; resources open and close in
-`cleanup_ctx`, in reverse order. `serve` runs it (see `proxy.lifecycle` for
-signals, reload and drain).
+`cleanup_ctx`, in reverse order. With an `admin` block in the policy the
+operator endpoints (`/healthz`, `/readyz`, `/metrics`, `/status`) leave the
+API app for `build_admin_app`, served on their own listener. `serve` runs
+it (see `proxy.lifecycle` for signals, reload and drain).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
 from proxy.routing import compile_policy
 from proxy.runtime import RUNTIME, HookSession, Runtime, StageSet
+from proxy.server import GuardedSite
 from proxy.status import metrics_endpoint, status_endpoint
 
 
@@ -49,14 +52,31 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     rt.metrics.watch(rt)
     observer = app[OBSERVER] = Observer(rt)
     api = observer.wrap(handle_api)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/status", status_endpoint)
+    if loaded.policy.admin is None:
+        _add_operator_routes(app)
     app.router.add_route("*", "/v1/{tail:.*}", api)
     app.router.add_route("*", "/v1", api)
     app.cleanup_ctx.append(_resources)
     return app
+
+
+def _add_operator_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/status", status_endpoint)
+
+
+def build_admin_app(rt: Runtime) -> web.Application:
+    """The operator endpoints alone, for the policy's `admin` listener.
+
+    It shares the API app's runtime and owns no resource: the API app opens
+    and closes them.
+    """
+    admin = web.Application()
+    admin[RUNTIME] = rt
+    _add_operator_routes(admin)
+    return admin
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -83,10 +103,12 @@ def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.App
 
 async def start_site(
     app: web.Application, host: str, port: int, runner: web.AppRunner | None = None
-) -> tuple[web.AppRunner, web.TCPSite]:
+) -> tuple[web.AppRunner, GuardedSite]:
     runner = runner if runner is not None else make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    rt = app[RUNTIME]
+    # Connection guards (head and idle timeouts) follow the current policy.
+    site = GuardedSite(runner, host, port, lambda: rt.snapshot.loaded.policy.limits)
     await site.start()
     return runner, site
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import ProxyError
-from proxy.intake import Intake, coalescible_intake, read_body, request_id_of, route_of
+from proxy.intake import (
+    Intake,
+    coalescible_intake,
+    confined,
+    read_body,
+    request_id_of,
+    route_of,
+)
 from proxy.policy import StreamSettings
 from proxy.pump import pump
 from proxy.relay import relay
@@ -28,13 +35,14 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     if trail is not None:
         trail.request_id = request_id
     try:
+        request = confined(request)  # the one canonical path from here on, or a 400
         route = route_of(snapshot, request)
         if trail is not None:
             trail.route = route.index
         policy = snapshot.loaded.policy
         if not route.coalesces(request.method, request.path):
-            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
-        raw = await read_body(request, policy.limits.max_body_bytes)
+            return await relay(request, route, request_id, rt, policy.limits)
+        raw = await read_body(request, policy.limits)
         intake = coalescible_intake(request, route, raw, request_id)
         return await coalesce(request, intake, rt, policy.stream)
     except ProxyError as exc:

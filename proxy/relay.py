@@ -14,6 +14,8 @@ from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
 from proxy.headers import downstream_response_headers
+from proxy.intake import body_chunks
+from proxy.policy import Limits
 from proxy.reply import SERVED_BY
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
@@ -26,25 +28,26 @@ def _too_large(limit: int) -> str:
 
 
 class _LimitedBody:
-    """The caller's body streamed upstream as it arrives, cut past `limit`.
+    """The caller's body streamed upstream as it arrives, under the intake's
+    limits (size, time, framing).
 
     aiohttp reports an exception raised while uploading as a connection
-    error; `exceeded` lets the relay answer 413 instead of 502.
+    error; `failure` lets the relay answer the caller's fault (413, 408,
+    400) instead of 502.
     """
 
-    def __init__(self, request: web.Request, limit: int) -> None:
+    def __init__(self, request: web.Request, limits: Limits) -> None:
         self._request = request
-        self._limit = limit
-        self.exceeded = False
+        self._limits = limits
+        self.failure: ProxyError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        total = 0
-        async for chunk in self._request.content.iter_any():
-            total += len(chunk)
-            if total > self._limit:
-                self.exceeded = True
-                raise BodyTooLarge(_too_large(self._limit))
-            yield chunk
+        try:
+            async for chunk in body_chunks(self._request, self._limits):
+                yield chunk
+        except ProxyError as exc:
+            self.failure = exc
+            raise
 
 
 async def relay(
@@ -52,9 +55,10 @@ async def relay(
     route: CompiledRoute,
     request_id: str,
     rt: Runtime,
-    limit: int,
+    limits: Limits,
 ) -> web.StreamResponse:
     config = route.upstream
+    limit = limits.max_body_bytes
     headers = route.upstream_headers(request.headers, request_id)
     body: _LimitedBody | None = None
     if request.body_exists:
@@ -64,17 +68,18 @@ async def relay(
                 raise BodyTooLarge(_too_large(limit))
             # Known length: the upstream gets it too, rather than a chunked upload.
             headers["Content-Length"] = str(length)
-        body = _LimitedBody(request, limit)
+        body = _LimitedBody(request, limits)
     session = rt.pool.session(route.upstream_name, config)
-    url = upstream_url(config, request.path, request.query_string)
+    # Confined at intake: canonical, still encoded, and sent exactly so.
+    url = upstream_url(config, request.rel_url.raw_path, request.rel_url.raw_query_string)
     try:
         upstream = await open_upstream(
             session, config, request.method, url, headers, body.chunks() if body else None
         )
     except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
-        if body is not None and body.exceeded:
-            raise BodyTooLarge(_too_large(limit)) from exc
+        if body is not None and body.failure is not None:
+            raise body.failure from exc
         raise
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)

@@ -81,13 +81,14 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
         # get their grace while it closes in the background.
         rt.retire_cache(rt.cache)
         rt.cache = cache
-    if old.listen != new.listen:
-        logs.event(
-            "reload kept old settings",
-            logging.WARNING,
-            section="listen",
-            reason="takes effect on restart",
-        )
+    for section in ("listen", "admin"):
+        if getattr(old, section) != getattr(new, section):
+            logs.event(
+                "reload kept old settings",
+                logging.WARNING,
+                section=section,
+                reason="takes effect on restart",
+            )
 
 
 class Reloader:
