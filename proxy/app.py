@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.cache.factory import build_cache
+from proxy.errors import NotFound
 from proxy.observe import OBSERVER, Observer
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
@@ -36,6 +37,12 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "policy": rt.snapshot.version})
 
 
+async def not_found(request: web.Request) -> web.Response:
+    """Anything outside /v1 and the operator endpoints: an OpenAI-style 404."""
+    error = NotFound("llm-sidecar: nothing is served at this path")
+    return web.Response(status=error.status, body=error.body(), headers=error.headers())
+
+
 def build_app(loaded: LoadedPolicy) -> web.Application:
     hooks = HookSession()
     snapshot = compile_policy(loaded, hooks)
@@ -54,8 +61,11 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     api = observer.wrap(handle_api)
     if loaded.policy.admin is None:
         _add_operator_routes(app)
-    app.router.add_route("*", "/v1/{tail:.*}", api)
+    # [\s\S]: a path with an encoded CR or LF must reach intake and its 400,
+    # not fall through the router's "." as a bare 404.
+    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", api)
     app.router.add_route("*", "/v1", api)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
     app.cleanup_ctx.append(_resources)
     return app
 
@@ -76,6 +86,7 @@ def build_admin_app(rt: Runtime) -> web.Application:
     admin = web.Application()
     admin[RUNTIME] = rt
     _add_operator_routes(admin)
+    admin.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
     return admin
 
 

@@ -66,8 +66,11 @@ async def relay(
         if length is not None:
             if length > limit:
                 raise BodyTooLarge(_too_large(limit))
-            # Known length: the upstream gets it too, rather than a chunked upload.
-            headers["Content-Length"] = str(length)
+            if request.headers.get("Content-Encoding", "identity").lower() == "identity":
+                # Known length: the upstream gets it too, rather than a chunked
+                # upload. (aiohttp decodes a compressed body, whose length is
+                # then another: an upstream told the wire length would wait.)
+                headers["Content-Length"] = str(length)
         body = _LimitedBody(request, limits)
     session = rt.pool.session(route.upstream_name, config)
     # Confined at intake: canonical, still encoded, and sent exactly so.

@@ -14,12 +14,14 @@ whose protocol is `GuardedHandler`:
   reaches neither the log nor the caller;
 * a handler that failed answers an OpenAI-style 500, logged with the
   method and path only (never the query string, never a header);
+* a malformed body that aiohttp finds while discarding the rest of it
+  (after the response) is logged the same way, without its traceback;
 * a request whose body timed out is not lingered on: the connection closes
   right after its 408.
 
 aiohttp offers no hook for any of this, so `GuardedHandler` subclasses its
 `RequestHandler` and reads a few of its fields (`_request_count`,
-`_request_in_progress`, `_messages`, `_lingering_time`); the tests in
+`_waiter`, `_messages`, `_lingering_time`); the tests in
 tests/test_server_guard.py pin each behaviour against the installed aiohttp.
 """
 
@@ -30,6 +32,7 @@ import logging
 import re
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
@@ -75,7 +78,7 @@ def request_line_of(data: bytes) -> tuple[str | None, str | None]:
 class GuardedHandler(RequestHandler):
     """One connection: aiohttp's protocol plus the head timeout and clean errors."""
 
-    __slots__ = ("_head_method", "_head_path", "_head_seen", "_head_timer", "_header_timeout")
+    __slots__ = ("_head_seen", "_head_start", "_head_timer", "_header_timeout")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, limits: Limits):
         # No aiohttp access log: the observer writes ours (aiohttp itself passes None).
@@ -88,10 +91,9 @@ class GuardedHandler(RequestHandler):
         self._header_timeout = limits.header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         # Whether bytes of the head being waited for have arrived, and the
-        # method and path they started with (for the log line if it fails).
+        # first of them (for the method and path of a log line if it fails).
         self._head_seen = False
-        self._head_method: str | None = None
-        self._head_path: str | None = None
+        self._head_start = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -100,17 +102,23 @@ class GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
-        waiting_for_head = not self._request_in_progress and not self._messages
-        if waiting_for_head and not self._head_seen and data:
+        # aiohttp's loop has a waiter out exactly while it waits for the next
+        # head, so these are the first bytes of one. (Bytes that arrive while
+        # it is not waiting, between two requests, are left to idle_timeout,
+        # which also bounds a partial head.)
+        if not self._head_seen and (self._waiter is not None or count == 0):
             self._head_seen = True
-            self._head_method, self._head_path = request_line_of(data)
-            self._arm_head_timer()
+            self._head_start = data  # a reference, parsed only if the head fails
         super().data_received(data)
         if self._request_count != count:
             # A head arrived (or failed to parse): its clock stops. The next
             # one's starts with its first byte; until then idle_timeout rules.
             self._disarm_head_timer()
             self._head_seen = False
+        elif self._head_seen:
+            # Part of a head: the clock runs from now (a whole head in one
+            # read, the usual case, costs no timer at all).
+            self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_timer()
@@ -132,16 +140,34 @@ class GuardedHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._request_in_progress or self._messages or self.transport is None:
+        if self._waiter is None or self._messages or self.transport is None:
+            # Not waiting for a head after all (a request is being served).
+            self._head_seen = False
             return
         if self._head_seen:
             # Nothing was sent to this connection since its last response:
             # a 408 is safe to write straight to the transport.
             self.transport.write(_HEAD_TIMEOUT_RESPONSE)
             if log.isEnabledFor(logging.INFO):
-                fields = {"method": self._head_method, "path": self._head_path, "status": 408}
+                method, path = request_line_of(self._head_start)
+                fields = {"method": method, "path": path, "status": 408}
                 log.info("request head timed out", extra={"fields": fields})
         self.force_close()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own error lines. A caller's malformed body found while
+        aiohttp discarded it (after the response) is the caller's fault: one
+        info line with method and path, no traceback (its text quotes the
+        bytes). Anything else keeps its traceback."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            if log.isEnabledFor(logging.INFO):
+                method, path = request_line_of(self._head_start)
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                fields = {"method": method, "path": path, "reason": type(cause).__name__}
+                log.info("malformed request body", extra={"fields": fields})
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(
         self,
@@ -156,12 +182,8 @@ class GuardedHandler(RequestHandler):
             # Not HTTP at all (TLS to a plain port, a scanner) is noise: debug.
             level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
             if log.isEnabledFor(level):
-                fields = {
-                    "method": self._head_method,
-                    "path": self._head_path,
-                    "status": status,
-                    "reason": reason,
-                }
+                method, path = request_line_of(self._head_start)
+                fields = {"method": method, "path": path, "status": status, "reason": reason}
                 log.log(level, "malformed request", extra={"fields": fields})
             text = f"llm-sidecar: malformed HTTP request ({reason})"
             kind, code = "invalid_request_error", "malformed_request"

@@ -1,0 +1,226 @@
+"""The connection guards: slow callers are closed, malformed ones answered cleanly.
+
+A real proxy on loopback, driven by raw sockets (no client library that
+would fix a request up): callers that trickle or stall their head or their
+body get a 408 and are closed, and afterwards the server holds no
+connection, no handler and no stage slot for them. Malformed requests get
+an OpenAI-style 400 and one log line without the bytes that made them bad.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import orjson
+import pytest
+
+from proxy.observe import OBSERVER
+from proxy.testing.fake_upstream import FakeUpstream
+from tests.conftest import RunningProxy, StartProxy, wait_idle
+
+SECRET = "sk-guard-7d1c55e0a9b34f"
+FAST_LIMITS = {"header_timeout": "300ms", "body_timeout": "300ms", "idle_timeout": "2s"}
+CALLERS = 200
+
+
+RESET = b"(reset)"
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
+    """Everything until the server closes; RESET when it reset the connection
+    (a caller still sending when the server closes gets a TCP reset, which
+    may discard the 408 before the caller reads it)."""
+    async with asyncio.timeout(timeout):
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return RESET
+
+
+def status_and_body(data: bytes) -> tuple[int, bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def held(proxy: RunningProxy) -> tuple[int, int]:
+    """Connections the server still tracks, and requests inside a handler."""
+    server = proxy.runner.server
+    assert server is not None
+    return len(server.connections), proxy.app[OBSERVER].active
+
+
+async def until_released(proxy: RunningProxy, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while await held(proxy) != (0, 0):
+            await asyncio.sleep(0.01)
+    await wait_idle(proxy.runtime)
+
+
+async def trickle(writer: asyncio.StreamWriter, piece: bytes, stop: asyncio.Event) -> None:
+    """Send `piece` every 50 ms until told to stop or the server hangs up."""
+    with contextlib.suppress(ConnectionError):
+        while not stop.is_set():
+            writer.write(piece)
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await stop.wait()
+
+
+async def connect(
+    proxy: RunningProxy, first: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that sends `first` at once (a silent one is closed at the header timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(first)
+    return reader, writer
+
+
+async def test_callers_trickling_or_stalling_heads_are_closed(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy({"limits": FAST_LIMITS})
+    stop = asyncio.Event()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    conns = [await connect(proxy, head) for _ in range(CALLERS)]
+    tricklers = []
+    for n, (_, writer) in enumerate(conns):
+        if n % 2:  # half trickle a header byte by byte, half stall
+            writer.write(b"Authorization: Bearer ")
+            tricklers.append(asyncio.create_task(trickle(writer, b"k", stop)))
+    try:
+        answers = await asyncio.gather(*(read_all(reader) for reader, _ in conns))
+    finally:
+        stop.set()
+        await asyncio.gather(*tricklers)
+        for _, writer in conns:
+            writer.close()
+    for n, data in enumerate(answers):
+        if n % 2 and data == RESET:
+            continue
+        status, body = status_and_body(data)
+        assert status == 408
+        assert orjson.loads(body)["error"]["code"] == "request_timeout"
+    await until_released(proxy)
+
+
+async def test_a_silent_connection_is_closed_after_the_header_timeout(
+    start_proxy: StartProxy,
+) -> None:
+    proxy = await start_proxy({"limits": FAST_LIMITS})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        assert await read_all(reader, 5) == b""  # closed, nothing said
+    finally:
+        writer.close()
+    await until_released(proxy)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/files"])
+async def test_callers_trickling_bodies_get_408_and_are_closed(
+    start_proxy: StartProxy, fake: FakeUpstream, path: str
+) -> None:
+    # Coalesced (intake reads the body) and relayed (the body streams upstream).
+    proxy = await start_proxy({"limits": FAST_LIMITS})
+    stop = asyncio.Event()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    conns = [await connect(proxy, head) for _ in range(CALLERS)]
+    tricklers = []
+    for _, writer in conns:
+        tricklers.append(asyncio.create_task(trickle(writer, b"1\r\n \r\n", stop)))
+    try:
+        answers = await asyncio.gather(*(read_all(reader) for reader, _ in conns))
+    finally:
+        stop.set()
+        await asyncio.gather(*tricklers)
+        for _, writer in conns:
+            writer.close()
+    assert answers.count(RESET) < CALLERS  # most see their 408 before the reset
+    for data in answers:
+        if data == RESET:
+            continue
+        status, body = status_and_body(data)
+        assert status == 408, data[:200]
+        assert b'"code":"request_timeout"' in body
+    await until_released(proxy)
+    assert fake.total_calls == 0
+
+
+async def test_a_normal_caller_is_not_hurried(start_proxy: StartProxy, fake: FakeUpstream) -> None:
+    # The head clock stops at the head; a keep-alive connection idles freely
+    # (up to idle_timeout) between requests.
+    proxy = await start_proxy({"limits": FAST_LIMITS})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    try:
+        for _ in range(2):
+            writer.write(request)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.5)  # longer than header_timeout, shorter than idle_timeout
+    finally:
+        writer.close()
+
+
+MALFORMED = [
+    # a control byte in a credential
+    b"GET /v1/models?key=%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\x01\r\n\r\n",
+    # bare LF line endings
+    b"GET /v1/models HTTP/1.1\nHost: x\nAuthorization: Bearer %s\n\n",
+    # a header value over the line limit
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s" + b"A" * 9000 + b"\r\n\r\n",
+    # a request line over the limit, with the credential in the query
+    b"GET /v1/models?key=%s" + b"A" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    # a space before the colon, too many headers, a bad Content-Length
+    b"GET /v1/models?api-key=%s HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer %s\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+    + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+    + b"\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: %s\r\nContent-Length: 1x\r\n\r\n",
+    # an unknown HTTP version, a broken chunked body
+    b"GET /v1/models?key=%s HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"POST /v1/chat/completions?key=%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"zz\r\n%s\r\n",
+]
+
+
+@pytest.mark.parametrize("template", MALFORMED)
+async def test_malformed_requests_get_json_400_and_log_no_bytes(
+    proxy: RunningProxy, fake: FakeUpstream, caplog: pytest.LogCaptureFixture, template: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    raw = template.replace(b"%s", SECRET.encode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(raw)
+        data = await read_all(reader)
+    finally:
+        writer.close()
+    status, body = status_and_body(data)
+    assert status == 400
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and SECRET not in error["message"]
+    await until_released(proxy)
+    assert fake.total_calls == 0
+    text = "\n".join(
+        f"{r.getMessage()} {r.__dict__.get('fields')} {r.exc_text}" for r in caplog.records
+    )
+    assert SECRET not in text and "Traceback" not in text
+    assert not any(r.exc_info for r in caplog.records)
+    lines = [r for r in caplog.records if r.name == "llm_sidecar.server"]
+    assert len(lines) == 1 or b"zz" in raw  # the chunked one is the intake's 400
+    for line in lines:
+        fields = line.__dict__["fields"]
+        assert fields["status"] == 400 and fields["reason"]
+        if raw.startswith(b"GET /v1/models "):
+            assert (fields["method"], fields["path"]) == ("GET", "/v1/models")
