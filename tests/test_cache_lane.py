@@ -565,7 +565,7 @@ async def test_hung_redis_writes_leave_the_breaker_closed(redis_server: RedisSer
     admin = Redis.from_url(redis_server.url)
     sleeper: asyncio.Task[Any] | None = None
     try:
-        sleep = admin.execute_command("DEBUG", "SLEEP", "1")  # type: ignore[no-untyped-call]
+        sleep = admin.execute_command("DEBUG", "SLEEP", "1")
         sleeper = asyncio.create_task(sleep)
         await until_asleep(redis_server)  # a write before that would just succeed
         for n in range(3):
