@@ -15,8 +15,11 @@ import logging
 
 import orjson
 import pytest
+from aiohttp import web
 
 from proxy.observe import OBSERVER
+from proxy.policy import Limits
+from proxy.server import GuardedSite
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, wait_idle
 
@@ -78,7 +81,10 @@ async def connect(
     return reader, writer
 
 
-async def test_callers_trickling_or_stalling_heads_are_closed(start_proxy: StartProxy) -> None:
+async def test_callers_trickling_or_stalling_heads_are_closed(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_sidecar.server")
     proxy = await start_proxy({"limits": FAST_LIMITS})
     stop = asyncio.Event()
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
@@ -102,6 +108,11 @@ async def test_callers_trickling_or_stalling_heads_are_closed(start_proxy: Start
         assert status == 408
         assert orjson.loads(body)["error"]["code"] == "request_timeout"
     await until_released(proxy)
+    lines = [r for r in caplog.records if r.getMessage() == "request head timed out"]
+    assert len(lines) == CALLERS
+    for line in lines:
+        fields = line.__dict__["fields"]
+        assert fields == {"method": "POST", "path": "/v1/chat/completions", "status": 408}
 
 
 async def test_a_silent_connection_is_closed_after_the_header_timeout(
@@ -224,3 +235,34 @@ async def test_malformed_requests_get_json_400_and_log_no_bytes(
         assert fields["status"] == 400 and fields["reason"]
         if raw.startswith(b"GET /v1/models "):
             assert (fields["method"], fields["path"]) == ("GET", "/v1/models")
+
+
+async def test_a_handler_bug_is_a_json_500_logged_without_the_query(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bare app behind the same listener: the proxy's handlers turn their own
+    # errors into responses, so a raising handler stands in for a bug.
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app = web.Application()
+    app.router.add_get("/v1/broken", broken)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = GuardedSite(runner, "127.0.0.1", 0, lambda: Limits())
+    await site.start()
+    caplog.set_level(logging.INFO)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        writer.write(f"GET /v1/broken?key={SECRET} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await read_all(reader)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    status, body = status_and_body(data)
+    assert status == 500
+    assert orjson.loads(body)["error"]["type"] == "server_error"
+    [line] = [r for r in caplog.records if r.name == "llm_sidecar.server"]
+    assert line.levelno == logging.ERROR and line.exc_info is not None
+    assert line.__dict__["fields"] == {"method": "GET", "path": "/v1/broken", "status": 500}
+    assert SECRET not in line.getMessage()
