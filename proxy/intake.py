@@ -94,6 +94,10 @@ async def body_chunks(request: web.Request, limits: Limits) -> AsyncIterator[byt
             return
         total += len(chunk)
         if total > limit:
+            if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+                # Discarding the rest would mean decompressing it: a small
+                # compressed body can cost seconds of CPU (a gzip bomb).
+                stop_lingering(request)
             raise BodyTooLarge(f"llm-sidecar: the request body is over the {limit}-byte limit")
         yield chunk
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 
 import orjson
 import pytest
@@ -266,3 +267,35 @@ async def test_a_handler_bug_is_a_json_500_logged_without_the_query(
     assert line.levelno == logging.ERROR and line.exc_info is not None
     assert line.__dict__["fields"] == {"method": "GET", "path": "/v1/broken", "status": 500}
     assert SECRET not in line.getMessage()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/files"])
+async def test_a_compressed_body_over_the_limit_is_not_read_to_the_end(
+    start_proxy: StartProxy, path: str
+) -> None:
+    # A gzip stream of zeros, 1 MiB of content per piece (about 1 KB on the
+    # wire): reading it to the end to discard it after the 413 would cost the
+    # proxy the CPU to decompress all of it (a bomb: 1 GiB in 1 MB took 5 s).
+    # Now the connection closes at the limit, long before the caller is done.
+    proxy = await start_proxy({"limits": {"max_body_bytes": "1MiB"}})
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    zeros = b"\0" * (1 << 20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    answer = asyncio.create_task(read_all(reader))
+    pieces = 0
+    with contextlib.suppress(ConnectionError):
+        while pieces < 500 and not answer.done():
+            piece = packer.compress(zeros) or packer.flush(zlib.Z_SYNC_FLUSH)
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))  # never a 0: that ends it
+            await writer.drain()
+            pieces += 1
+            await asyncio.sleep(0.01)  # pacing only: the server decides when it ends
+    data = await answer
+    writer.close()
+    assert data == RESET or status_and_body(data)[0] == 413
+    assert pieces < 100  # it lingered to the end before (500 pieces, then 10 s)
+    await until_released(proxy)
