@@ -44,8 +44,9 @@ from proxy.policy import Limits
 log = logging.getLogger("llm_sidecar.server")
 
 # Method and path of a request line (origin or absolute form), never the
-# query: that is all a log line may say about a request it could not parse.
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ((?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?/[^?# \r\n]*)")
+# query nor an absolute form's authority (it may hold user:password): that
+# is all a log line may say about a request it could not parse.
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?(/[^?# \r\n]*)")
 _PATH_CHARS = 256
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"

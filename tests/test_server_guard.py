@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.observe import OBSERVER
 from proxy.policy import Limits
-from proxy.server import GuardedSite
+from proxy.server import GuardedSite, request_line_of
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, wait_idle
 
@@ -299,3 +299,12 @@ async def test_a_compressed_body_over_the_limit_is_not_read_to_the_end(
     assert data == RESET or status_and_body(data)[0] == 413
     assert pieces < 100  # it lingered to the end before (500 pieces, then 10 s)
     await until_released(proxy)
+
+
+def test_the_request_line_is_reduced_to_method_and_path() -> None:
+    assert request_line_of(b"GET /v1/models?key=sk-1 HTTP/1.1\r\n") == ("GET", "/v1/models")
+    line = b"POST http://user:sk-2@evil.example/v1/chat/completions?x=1 HTTP/1.1"
+    assert request_line_of(line) == ("POST", "/v1/chat/completions")
+    assert request_line_of(b"\x16\x03\x01 TLS hello") == (None, None)
+    long = request_line_of(b"GET /" + b"a" * 9000)[1]
+    assert long is not None and len(long) == 256
