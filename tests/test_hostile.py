@@ -11,6 +11,7 @@ lines written during it: no credential, no traceback.
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,18 @@ async def test_only_the_configured_upstream_host_is_contacted(hostile: Rig) -> N
     assert all(
         s.headers["host"] == f"127.0.0.1:{hostile.upstream.port}" for s in hostile.upstream.seen
     )
+
+
+async def test_a_compressed_relayed_body_reaches_the_upstream_whole(hostile: Rig) -> None:
+    # aiohttp inflates it; announcing the wire length upstream made the
+    # upstream wait for bytes that never came (found by the intake fuzz).
+    body = b'{"purpose": "batch"}'
+    packed = gzip.compress(body)
+    raw = request("POST", "/v1/files", packed, Content_Encoding="gzip")
+    status, _, _ = await send(hostile.px.port, raw, timeout=5)
+    assert status == 200
+    [seen] = hostile.upstream.seen
+    assert seen.body == body and "content-encoding" not in seen.headers
 
 
 # -- 2. credentials in logs ----------------------------------------------------------------------
