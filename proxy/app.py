@@ -3,8 +3,8 @@
 `build_app` wires a `Runtime` onto a new app; resources open and close in
 `cleanup_ctx`, in reverse order. With an `admin` block in the policy the
 operator endpoints (`/healthz`, `/readyz`, `/metrics`, `/status`) leave the
-API app for `build_admin_app`, served on their own listener. `serve` runs
-it (see `proxy.lifecycle` for signals, reload and drain).
+API app for `build_admin_app`, served on their own listener.
+`proxy.lifecycle` serves both (signals, reload and drain).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.cache.factory import build_cache
 from proxy.errors import NotFound
+from proxy.gauges import watch
 from proxy.observe import OBSERVER, Observer
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
@@ -56,7 +57,7 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     # Bodies are read (and limited) by intake itself, not by aiohttp.
     app = web.Application(client_max_size=loaded.policy.limits.max_body_bytes + 1)
     app[RUNTIME] = rt
-    rt.metrics.watch(rt)
+    watch(rt)
     observer = app[OBSERVER] = Observer(rt)
     api = observer.wrap(handle_api)
     if loaded.policy.admin is None:
@@ -122,9 +123,3 @@ async def start_site(
     site = GuardedSite(runner, host, port, lambda: rt.snapshot.loaded.policy.limits)
     await site.start()
     return runner, site
-
-
-def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:
-    from proxy.lifecycle import serve as serve_with_lifecycle  # lifecycle imports this module
-
-    serve_with_lifecycle(loaded, host, port)

@@ -26,7 +26,8 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
     def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        # Whichever path failed (lead, follow, relay), the answer is the proxy's own.
+        headers = {"Content-Type": "application/json", "x-llm-sidecar": "error"}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, round(self.retry_after)))
         return headers

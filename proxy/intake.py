@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.endpoint import Endpoint
 from proxy.errors import BadPath, BadRequest, BodyTooLarge, NotFound, RequestTimeout
 from proxy.headers import first_credential
 from proxy.keys import SHARED_TENANT, request_key, split_query, tenant_of
@@ -28,15 +29,15 @@ from proxy.server import stop_lingering
 
 @dataclass(frozen=True, slots=True)
 class Intake:
+    """A coalescible request, read and parsed; relayed requests never get one."""
+
     request_id: str
-    method: str
     path: str  # canonical and still percent-encoded: sent upstream as is
     query: str  # raw, as the caller sent it
     route: CompiledRoute
-    raw: bytes  # the body as the caller sent it
-    body: dict[str, Any] | None  # parsed once; None when not coalesced
-    tenant: str
-    key: str | None  # None: relayed as-is
+    endpoint: Endpoint  # chosen once here; later stages never look at the path for it
+    body: dict[str, Any]  # parsed once
+    key: str
     wants_stream: bool
     wants_usage: bool
     cache_read: bool
@@ -137,7 +138,7 @@ def route_of(snapshot: Snapshot, request: web.Request) -> CompiledRoute:
 
 
 def coalescible_intake(
-    request: web.Request, route: CompiledRoute, raw: bytes, request_id: str
+    request: web.Request, route: CompiledRoute, endpoint: Endpoint, raw: bytes, request_id: str
 ) -> Intake:
     try:
         body = orjson.loads(raw)
@@ -179,13 +180,11 @@ def coalescible_intake(
     options = body.get("stream_options")
     return Intake(
         request_id=request_id,
-        method=request.method,
         path=path,
         query=raw_query,
         route=route,
-        raw=raw,
+        endpoint=endpoint,
         body=body,
-        tenant=tenant,
         key=key,
         wants_stream=body.get("stream") is True,
         wants_usage=isinstance(options, dict) and options.get("include_usage") is True,

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from proxy.runtime import Runtime
+from proxy.cache.base import Cache
+from proxy.headers import Served
 
-SERVED = ("lead", "follow", "hit", "bypass", "none")
+SERVED = (*(served.value for served in Served), "none")
 STAGES = ("leader", "follower", "upstream")
 # Upstream status label for a call that got no response at all.
 NO_RESPONSE = "error"
@@ -100,6 +98,30 @@ class Metrics:
             ["route", "status"],
             registry=reg,
         )
+        self.attempts = Counter(
+            "llm_sidecar_upstream_attempts",
+            "Upstream attempts by target and outcome (the status, or connect_error, timeout).",
+            ["target", "outcome"],
+            registry=reg,
+        )
+        self.retries = Counter(
+            "llm_sidecar_upstream_retries",
+            "Attempts made after a first one failed (retries and fallbacks).",
+            registry=reg,
+        )
+        self.retries_refused = Counter(
+            "llm_sidecar_upstream_retries_refused",
+            "Retryable failures answered as they were, by reason"
+            " (attempts, budget, retry_after, draining).",
+            ["reason"],
+            registry=reg,
+        )
+        self.ejections = Counter(
+            "llm_sidecar_upstream_ejections",
+            "Times a target was ejected for a cool-down after failing in a row.",
+            ["target"],
+            registry=reg,
+        )
         self.stage_wait = Histogram(
             "llm_sidecar_stage_wait_seconds",
             "Time from asking for a stage slot to getting it.",
@@ -116,6 +138,7 @@ class Metrics:
         self._served = {name: _ServedChildren(self, name) for name in SERVED}
         self._requests: dict[tuple[str, int], Any] = {}
         self._upstream: dict[tuple[int, int | None], Any] = {}
+        self._attempts: dict[tuple[str, int | str], Any] = {}
         self._waits = {name: self.stage_wait.labels(name) for name in STAGES}
         self._reload_ok = self.reloads.labels("ok")
         self._reload_failed = self.reloads.labels("failed")
@@ -153,6 +176,13 @@ class Metrics:
             counter = self._upstream[(route, status)] = self.upstream.labels(str(route), label)
         counter.inc()
 
+    def attempt(self, target: str, outcome: int | str) -> None:
+        """One attempt at `target`: its status, or CONNECT_ERROR / TIMEOUT."""
+        counter = self._attempts.get((target, outcome))
+        if counter is None:
+            counter = self._attempts[(target, outcome)] = self.attempts.labels(target, str(outcome))
+        counter.inc()
+
     def stage_waited(self, stage: str, seconds: float) -> None:
         child = self._waits.get(stage)
         if child is not None:
@@ -163,64 +193,15 @@ class Metrics:
 
     # -- scrape time ----------------------------------------------------
 
-    def watch(self, rt: Runtime) -> None:
-        """Read `rt` at scrape time and time its stage waits."""
-        self.registry.register(_RuntimeCollector(rt))
-        for limiter in rt.stages.all():
-            limiter.on_wait = self.stage_waited
-
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
-class _RuntimeCollector(Collector):
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
-
-    def collect(self) -> Iterator[Metric]:
-        rt = self._rt
-        in_use = GaugeMetricFamily(
-            "llm_sidecar_stage_in_use", "Slots held now, per stage.", labels=["stage"]
-        )
-        queued = GaugeMetricFamily(
-            "llm_sidecar_stage_queued", "Requests waiting for a slot, per stage.", labels=["stage"]
-        )
-        limit = GaugeMetricFamily(
-            "llm_sidecar_stage_max_concurrency", "The stage's current limit.", labels=["stage"]
-        )
-        bound = GaugeMetricFamily(
-            "llm_sidecar_stage_max_queue", "The stage's current queue bound.", labels=["stage"]
-        )
-        for limiter in rt.stages.all():
-            stats = limiter.stats()
-            in_use.add_metric([stats.name], stats.in_use)
-            queued.add_metric([stats.name], stats.queued)
-            limit.add_metric([stats.name], stats.max_concurrency)
-            bound.add_metric([stats.name], stats.max_queue)
-        yield from (in_use, queued, limit, bound)
-        yield GaugeMetricFamily(
-            "llm_sidecar_streams_in_flight", "Published streams (one per key).", value=len(rt.table)
-        )
-        yield GaugeMetricFamily(
-            "llm_sidecar_pumps", "Upstream pump tasks alive.", value=len(rt.pumps)
-        )
-        yield GaugeMetricFamily(
-            "llm_sidecar_draining", "1 while shutting down.", value=1 if rt.draining else 0
-        )
-        yield InfoMetricFamily(
-            "llm_sidecar_policy", "The policy being served.", value={"version": rt.snapshot.version}
-        )
-        yield from _cache_metrics(rt.cache)
-
-
-def _cache_metrics(cache: object) -> Iterator[Metric]:
-    """The cache's own counters, when it has any (a `stats()` dataclass)."""
-    stats_of = getattr(cache, "stats", None)
-    if not callable(stats_of):
-        return
-    stats = stats_of()
-    if not dataclasses.is_dataclass(stats):
+def cache_metrics(cache: Cache) -> Iterator[Metric]:
+    """The cache's own counters, when it keeps any."""
+    stats = cache.stats()
+    if stats is None:
         return
     for field in dataclasses.fields(stats):
         value = getattr(stats, field.name)

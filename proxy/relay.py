@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
-from proxy.headers import downstream_response_headers
+from proxy.headers import SERVED_BY, Served, downstream_response_headers
 from proxy.intake import body_chunks
 from proxy.policy import Limits
-from proxy.reply import SERVED_BY
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
@@ -57,6 +57,20 @@ async def relay(
     rt: Runtime,
     limits: Limits,
 ) -> web.StreamResponse:
+    # The session is held until the response is relayed: a reload that
+    # replaces the upstream closes it only after.
+    with rt.pool.lease(route.upstream_name, route.upstream) as session:
+        return await _relay(request, route, request_id, rt, limits, session)
+
+
+async def _relay(
+    request: web.Request,
+    route: CompiledRoute,
+    request_id: str,
+    rt: Runtime,
+    limits: Limits,
+    session: aiohttp.ClientSession,
+) -> web.StreamResponse:
     config = route.upstream
     limit = limits.max_body_bytes
     headers = route.upstream_headers(request.headers, request_id)
@@ -72,7 +86,6 @@ async def relay(
                 # then another: an upstream told the wire length would wait.)
                 headers["Content-Length"] = str(length)
         body = _LimitedBody(request, limits)
-    session = rt.pool.session(route.upstream_name, config)
     # Confined at intake: canonical, still encoded, and sent exactly so.
     url = upstream_url(config, request.rel_url.raw_path, request.rel_url.raw_query_string)
     try:
@@ -87,12 +100,12 @@ async def relay(
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)
     if trail is not None:
-        trail.served, trail.upstream = "bypass", upstream.status
+        trail.served, trail.upstream = Served.BYPASS, upstream.status
     clean = False
     try:
         out_headers = downstream_response_headers(upstream.headers)
         out_headers["X-Request-Id"] = request_id
-        out_headers[SERVED_BY] = "bypass"
+        out_headers[SERVED_BY] = Served.BYPASS
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         is_sse = upstream.content_type == "text/event-stream"
         if upstream.content_length is not None and not is_sse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
@@ -18,34 +19,41 @@ from multidict import CIMultiDict
 
 from proxy.cache.base import CachedAnswer
 from proxy.errors import ProxyError, UpstreamBroken
+from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, Served
 from proxy.intake import Intake
-from proxy.limiter import StageLimiter
-from proxy.runtime import Runtime
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream, frame_events
 from proxy.trail import trail_of
 
-SERVED_BY = "x-llm-sidecar"
 _KEEPALIVE_FRAME = chunk_frame(COMMENT_KEEPALIVE)
+
+# Fan-out writes frames straight to the transport after `send_headers`, an
+# aiohttp internal (pinned in pyproject.toml; tests/test_aiohttp_writer.py).
+# Refuse to start rather than corrupt streams on an aiohttp without it.
+if not callable(getattr(StreamWriter, "send_headers", None)):
+    raise ImportError(
+        "llm-sidecar: aiohttp's StreamWriter.send_headers is gone; fan-out needs it."
+        " Install the aiohttp series pyproject.toml pins."
+    )
 _DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
 
 
-def error_response(error: ProxyError, request_id: str, served: str | None = None) -> web.Response:
+def error_response(
+    error: ProxyError, request_id: str, served: Served | None = None
+) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    if served is not None:
-        headers[SERVED_BY] = served
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 
-def _headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMultiDict[str]:
+def _headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiDict[str]:
     headers = base.copy()
     headers["X-Request-Id"] = intake.request_id
     headers[SERVED_BY] = served
     return headers
 
 
-def _json_headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMultiDict[str]:
+def _json_headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiDict[str]:
     headers = _headers(base, intake, served)
     for name in _DROP_FROM_JSON:
         headers.popall(name, None)
@@ -64,7 +72,9 @@ class SSEOut:
         self.reader = PushReader(writer.transport, wants_usage)
 
     @classmethod
-    async def start(cls, request: web.Request, head: Head, intake: Intake, served: str) -> SSEOut:
+    async def start(
+        cls, request: web.Request, head: Head, intake: Intake, served: Served
+    ) -> SSEOut:
         headers = _headers(head.headers, intake, served)
         headers.popall("content-length", None)
         headers["Cache-Control"] = "no-cache"
@@ -129,41 +139,59 @@ class SSEOut:
         await self.response.write_eof()
 
 
-def _leave(rt: Runtime, stream: Stream) -> None:
-    stream.readers -= 1
-    if stream.readers == 0 and stream.state != "done" and stream.cancel_on_abandon:
-        # Unpublish now so a request arriving this instant starts afresh.
-        rt.table.unpublish(stream)
-        if stream.pump is not None:
-            stream.pump.cancel()
+class StreamReply:
+    """One caller answered from a stream it leads or follows.
 
-
-async def serve_from_stream(
-    request: web.Request,
-    intake: Intake,
-    stream: Stream,
-    rt: Runtime,
-    served: str,
-    setup_slot: StageLimiter | None,
-) -> web.StreamResponse:
-    """Answer one caller from a stream it leads or follows.
-
-    A follower holds `setup_slot` only while it attaches and, when the
-    stream is already flowing, while its backlog is replayed.
+    `run` writes the whole answer and maps what can go wrong (a proxy
+    error, the caller leaving) onto the response; a stage passes `setup`
+    to do its early part (a follower's attach and replay) under its slot.
     """
-    stream.readers += 1
-    trail = trail_of(request)
-    if trail is not None:
-        trail.stream, trail.served = stream, served
-    out: SSEOut | None = None
-    try:
-        if setup_slot is not None:
-            async with setup_slot.slot(intake.request_id):
-                if intake.wants_stream and stream.head.done() and stream.head.exception() is None:
-                    head = stream.head.result()
-                    if head.is_sse and head.status < 300:
-                        out = await SSEOut.start(request, head, intake, served)
-                        await out.catch_up(stream)
+
+    def __init__(
+        self, request: web.Request, intake: Intake, stream: Stream, served: Served
+    ) -> None:
+        self._request = request
+        self._intake = intake
+        self._stream = stream
+        self._served = served
+        self._out: SSEOut | None = None
+        trail = trail_of(request)
+        if trail is not None:
+            trail.stream, trail.served = stream, served
+
+    async def replay_backlog(self) -> None:
+        """When the stream is already flowing, start this caller's SSE and
+        write what was logged so far."""
+        stream, intake = self._stream, self._intake
+        if intake.wants_stream and stream.head.done() and stream.head.exception() is None:
+            head = stream.head.result()
+            if head.is_sse and head.status < 300:
+                self._out = await SSEOut.start(self._request, head, intake, self._served)
+                await self._out.catch_up(stream)
+
+    async def run(
+        self, setup: Callable[[StreamReply], Awaitable[None]] | None = None
+    ) -> web.StreamResponse:
+        try:
+            if setup is not None:
+                await setup(self)
+            return await self._write()
+        except ProxyError as exc:
+            if self._out is not None:
+                await self._out.end(exc)
+                return self._out.response
+            response = error_response(exc, self._intake.request_id, self._served)
+            attempts = self._stream.attempts
+            if attempts:  # the tries that all failed, as the head would have said
+                response.headers[ATTEMPTS_HEADER] = str(len(attempts))
+            return response
+        except ConnectionResetError:
+            # The caller went away mid-stream; only this reader leaves. Nobody
+            # reads what we return; 499 is what access logs call it.
+            return self._out.response if self._out is not None else web.Response(status=499)
+
+    async def _write(self) -> web.StreamResponse:
+        stream, intake, served = self._stream, self._intake, self._served
         # shield: the head and the end are shared by every reader, and a
         # cancelled await (this caller leaving) would cancel them for all.
         head = await asyncio.shield(stream.head)
@@ -176,11 +204,11 @@ async def serve_from_stream(
                 status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
             )
         if intake.wants_stream:
-            if out is None:
-                out = await SSEOut.start(request, head, intake, served)
-            await out.follow(stream)
-            await out.response.write_eof()
-            return out.response
+            if self._out is None:
+                self._out = await SSEOut.start(self._request, head, intake, served)
+            await self._out.follow(stream)
+            await self._out.response.write_eof()
+            return self._out.response
         await asyncio.shield(stream.finished)
         if stream.assembled is None:
             raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
@@ -189,31 +217,23 @@ async def serve_from_stream(
             body=stream.assembled,
             headers=_json_headers(head.headers, intake, served),
         )
-    except ProxyError as exc:
-        if out is not None:
-            await out.end(exc)
-            return out.response
-        return error_response(exc, intake.request_id, served)
-    except ConnectionResetError:
-        # The caller went away mid-stream; only this reader leaves. Nobody
-        # reads what we return; 499 is what access logs call it.
-        return out.response if out is not None else web.Response(status=499)
-    finally:
-        _leave(rt, stream)
 
 
 async def serve_answer(
     request: web.Request, intake: Intake, answer: CachedAnswer
 ) -> web.StreamResponse:
     """A cache hit: the stored events as SSE, or the stored JSON."""
+    trail = trail_of(request)
+    if trail is not None:
+        trail.served = Served.HIT
     base: CIMultiDict[str] = CIMultiDict({"Content-Type": answer.content_type})
     base["Age"] = str(max(0, int(time.time() - answer.stored_at)))
     if not (intake.wants_stream and answer.is_sse):
         assert answer.body is not None
         return web.Response(
-            status=answer.status, body=answer.body, headers=_json_headers(base, intake, "hit")
+            status=answer.status, body=answer.body, headers=_json_headers(base, intake, Served.HIT)
         )
-    headers = _headers(base, intake, "hit")
+    headers = _headers(base, intake, Served.HIT)
     headers["Cache-Control"] = "no-cache"
     skip = None if intake.wants_usage else answer.usage_event
     body = b"".join(raw for index, raw in enumerate(answer.events) if index != skip)

@@ -7,8 +7,9 @@ A connection that failed mid-exchange is closed by aiohttp, never reused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -20,12 +21,21 @@ from proxy.policy import Upstream
 
 
 class UpstreamPool:
-    """Owns one ClientSession per upstream configuration; closed at shutdown."""
+    """Owns one ClientSession per upstream configuration.
+
+    Keyed by name and the frozen config, so a reload that changes an
+    upstream gets a fresh session while streams on the old one finish. A
+    session the current policy no longer names closes as soon as no call
+    holds it (`retain`); the rest close at shutdown.
+    """
 
     def __init__(self) -> None:
-        # Keyed by name and the frozen config, so a reload that changes an
-        # upstream gets a fresh pool while streams on the old one finish.
         self._sessions: dict[tuple[str, Upstream], aiohttp.ClientSession] = {}
+        # Calls holding each session now (between `lease` entry and exit).
+        self._users: dict[aiohttp.ClientSession, int] = {}
+        # None until the first reload: every configuration is current.
+        self._current: frozenset[tuple[str, Upstream]] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def session(self, name: str, config: Upstream) -> aiohttp.ClientSession:
         session = self._sessions.get((name, config))
@@ -44,11 +54,43 @@ class UpstreamPool:
             self._sessions[(name, config)] = session
         return session
 
+    @contextlib.contextmanager
+    def lease(self, name: str, config: Upstream) -> Iterator[aiohttp.ClientSession]:
+        """The session for one call, held until the call's response is done with."""
+        session = self.session(name, config)
+        self._users[session] = self._users.get(session, 0) + 1
+        try:
+            yield session
+        finally:
+            left = self._users[session] - 1
+            if left:
+                self._users[session] = left
+            else:
+                del self._users[session]
+                if self._current is not None and (name, config) not in self._current:
+                    self._retire((name, config))
+
+    def retain(self, upstreams: Mapping[str, Upstream]) -> None:
+        """After a reload: sessions for configurations no longer named close once unused."""
+        self._current = frozenset(upstreams.items())
+        for key in list(self._sessions):
+            if key not in self._current and self._sessions[key] not in self._users:
+                self._retire(key)
+
+    def _retire(self, key: tuple[str, Upstream]) -> None:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return
+        task = asyncio.create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for session in sessions:
             await session.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 @functools.lru_cache(maxsize=64)

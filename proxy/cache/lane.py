@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from proxy.cache import codec
-from proxy.cache.base import CachedAnswer
-from proxy.cache.breaker import BreakerState, CircuitBreaker
+from proxy.cache.base import CachedAnswer, CacheStats
+from proxy.cache.breaker import CircuitBreaker
 
 # The slowest transfer rate a healthy backend is expected to sustain for one
 # write; a write gets `timeout` plus its size at this rate.
@@ -68,26 +68,6 @@ class InlineBackend(Protocol):
     def get_now(self, key: str) -> CachedAnswer | None: ...
 
     def set_now(self, key: str, answer: CachedAnswer, ttl: float) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    hits: int
-    misses: int  # every lookup that did not hit, whatever the reason below
-    errors: int  # the backend raised
-    timeouts: int  # the deadline passed (in the queue or in the backend call)
-    corrupt: int  # a record that did not decode (deleted)
-    lane_full: int  # refused at admission: workers + max_queue already in the lane
-    breaker_skipped: int  # lookups not attempted because the breaker was open
-    store_ok: int
-    store_errors: int  # writes that raised or timed out
-    store_dropped: int  # writes not attempted: write bound reached or breaker open
-    store_oversize: int  # answers over max_entry_bytes: served, not written
-    store_timeouts: int  # writes past their deadline (also in store_errors; not a fault)
-    breaker_opened: int  # times the breaker opened
-    breaker_state: BreakerState
-    in_lane: int  # lookups admitted and not yet finished (queued or in a worker)
-    writes_pending: int
 
 
 class _Outcome(enum.Enum):

@@ -62,6 +62,9 @@ class FakeSettings:
     ttft: float = 0.0  # seconds after response headers before the first event
     header_delay: float = 0.0  # seconds before sending response headers at all
     error_status: int | None = None  # answer every coalescible POST with this status
+    error_times: int | None = None  # with error_status: only the first N such POSTs get it
+    retry_after: str | None = None  # Retry-After on error answers (a 429's default is "1")
+    retry_after_ms: int | None = None  # retry-after-ms on error answers, as OpenAI sends
     drop_after: int | None = None  # stream: abort the connection after N events
     require_key: str | None = None  # when set, 401 unless `Authorization: Bearer <key>`
     embedding_dims: int = 8
@@ -88,11 +91,16 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "ttft": (int, float),
     "header_delay": (int, float),
     "error_status": int,
+    "error_times": int,
+    "retry_after": str,
+    "retry_after_ms": int,
     "drop_after": int,
     "require_key": str,
     "embedding_dims": int,
 }
-_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key"})
+_OPTIONAL_FIELDS = frozenset(
+    {"error_status", "error_times", "retry_after", "retry_after_ms", "drop_after", "require_key"}
+)
 
 
 class Reject(Exception):

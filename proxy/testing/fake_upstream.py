@@ -61,6 +61,11 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
 }
 
 
+def header_knobs() -> dict[str, str]:
+    """Each `x-fake-*` request header and the `FakeSettings` field it overrides."""
+    return {header: name for header, (name, _) in _HEADER_FIELDS.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
     method: str
@@ -76,7 +81,9 @@ def _canonical_raw(raw: bytes) -> bytes:
         return raw  # not a JSON object: counted by its exact bytes
 
 
-def _error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def _error_response(
+    status: int, message: str, code: str | None = None, settings: FakeSettings | None = None
+) -> web.Response:
     kind = "requests" if status == 429 else "server_error" if status >= 500 else None
     if status == 429:
         code = code or "rate_limit_exceeded"
@@ -92,6 +99,10 @@ def _error_response(status: int, message: str, code: str | None = None) -> web.R
     if status == 429:
         headers["Retry-After"] = "1"
         headers["x-ratelimit-remaining-requests"] = "0"
+    if settings is not None and settings.retry_after is not None:
+        headers["Retry-After"] = settings.retry_after
+    if settings is not None and settings.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(settings.retry_after_ms)
     return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
@@ -114,6 +125,7 @@ class FakeUpstream:
         self.calls_by_path: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
+        self.errors_sent = 0  # error_status answers, counted for error_times
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -145,6 +157,7 @@ class FakeUpstream:
         self.calls.clear()
         self.calls_by_path.clear()
         self.requests.clear()
+        self.errors_sent = 0
         self.disconnects = 0
 
     # -- lifetime
@@ -255,10 +268,12 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
-        if settings.error_status is not None:
+        times = settings.error_times
+        if settings.error_status is not None and (times is None or self.errors_sent < times):
+            self.errors_sent += 1  # counted before any wait, so concurrent calls see it
             await self._hold_whole()
             status = settings.error_status
-            return _error_response(status, f"The fake upstream answers {status}.")
+            return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
 
     def _get(self, request: web.Request) -> web.Response:

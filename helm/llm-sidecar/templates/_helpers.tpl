@@ -314,6 +314,14 @@ volumes:
 {{- if and $v.upstream.apiKey.existingSecret $v.upstream.apiKey.value }}
 {{- fail "upstream.apiKey: set existingSecret or value, not both" }}
 {{- end }}
+{{- with $v.cache.redis.url }}
+{{- if not (regexMatch "^(rediss?|unix)://" .) }}
+{{- fail "cache.redis.url: expected redis://host:6379/0 (rediss:// for TLS, unix:///path/to/socket)" }}
+{{- end }}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" . }}
+{{- fail "cache.redis.url: no password in the URL (it would land in the ConfigMap). Write redis://host:6379/0 (or redis://USER@host:6379/0 for an ACL user) and put the password in cache.redis.password.existingSecret (a Secret you manage) or cache.redis.password.value (the chart creates the Secret)" }}
+{{- end }}
+{{- end }}
 {{- if eq $v.cache.backend "redis" }}
 {{- if not $v.cache.redis.url }}
 {{- fail "cache.redis.url is required when cache.backend is redis (the chart does not install Redis)" }}
