@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -149,7 +150,18 @@ class Match(_Model):
         return value
 
 
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a header name")
+    return value.lower()
+
+
+# Checked per item, so every bad name in a list is reported at its own path.
+HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
 class RouteCache(_Model):
@@ -243,7 +255,7 @@ class Route(_Model):
     tenant_header: str | None = None
     ignore_fields: tuple[str, ...] = ("stream", "stream_options", "user")
     # Request headers whose values are part of the key (e.g. OpenAI-Organization).
-    vary_headers: tuple[str, ...] = ()
+    vary_headers: tuple[HeaderName, ...] = ()
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
@@ -254,14 +266,6 @@ class Route(_Model):
         if self.targets is not None:
             return self.targets
         return () if self.upstream is None else (Target(upstream=self.upstream),)
-
-    @field_validator("vary_headers")
-    @classmethod
-    def _check_vary(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for name in value:
-            if not _TOKEN.fullmatch(name):
-                raise ValueError(f"{name!r} is not a header name")
-        return tuple(name.lower() for name in value)
 
 
 class Policy(_Model):
@@ -280,7 +284,7 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Policy:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+        problems = self._admin_problems()
         for index, route in enumerate(self.routes):
             if route.upstream is not None and route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
@@ -302,6 +306,17 @@ class Policy(_Model):
         if problems:
             raise PathError(problems)
         return self
+
+    def _admin_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        admin, listen = self.admin, self.listen
+        if admin is None or admin.port == 0 or admin.port != listen.port:
+            return []
+        # One port on the same address (or a wildcard, which takes every
+        # address): `serve` would fail to bind, so `check` fails here.
+        if admin.host == listen.host or {admin.host, listen.host} & _WILDCARD_HOSTS:
+            reason = f"port {admin.port} is the API's own (listen.port): pick another"
+            return [(("admin", "port"), reason)]
+        return []
 
     def _target_problems(self, index: int, route: Route) -> list[tuple[tuple[str | int, ...], str]]:
         problems: list[tuple[tuple[str | int, ...], str]] = []
