@@ -7,6 +7,8 @@ whose protocol is `GuardedHandler`:
   first byte (or of the connection opening): a caller that trickles its
   headers, or connects and says nothing, gets a 408 and is closed;
 * an idle keep-alive connection is closed after `limits.idle_timeout`;
+* every answer made here carries `x-llm-sidecar: error`, as the proxy's
+  other own answers do;
 * a malformed request (a control byte in a header, a bare LF, a line or a
   header block over the limit) gets an OpenAI-style 400 and one log line
   naming the method, the path and the parser's error class. aiohttp's own
@@ -39,6 +41,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import error_body
+from proxy.headers import SERVED_BY
 from proxy.policy import Limits
 
 log = logging.getLogger("llm_sidecar.server")
@@ -48,9 +51,10 @@ log = logging.getLogger("llm_sidecar.server")
 # is all a log line may say about a request it could not parse.
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?(/[^?# \r\n]*)")
 _PATH_CHARS = 256
+# Like every answer the proxy makes itself, marked `x-llm-sidecar: error`.
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+    b"x-llm-sidecar: error\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
 )
 
 
@@ -200,7 +204,7 @@ class GuardedHandler(RequestHandler):
         response = web.Response(
             status=status,
             body=error_body(text, kind, code),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", SERVED_BY: "error"},
         )
         response.force_close()
         return response

@@ -50,6 +50,7 @@ async def test_admin_listener_serves_probes_through_the_drain(
         for path in ("/healthz", "/readyz", "/metrics", "/status"):
             async with px.session.get(f"{px.url}{path}") as response:
                 assert response.status == 404
+                assert response.headers["x-llm-sidecar"] == "error"
                 assert (await response.json())["error"]["code"] == "not_found"
         [start] = px.events("start")
         assert (start["admin_host"], start["admin_port"]) == ("127.0.0.1", admin_port)

@@ -44,8 +44,11 @@ async def read_all(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes
 
 
 def status_and_body(data: bytes) -> tuple[int, bytes]:
+    """The status and body of a proxy-made answer, checked to be marked as one."""
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+    lines = head.lower().split(b"\r\n")
+    assert b"x-llm-sidecar: error" in lines[1:], head
+    return int(lines[0].split(b" ", 2)[1]), body
 
 
 async def held(proxy: RunningProxy) -> tuple[int, int]:
