@@ -124,12 +124,6 @@ def _deterministic(body: dict[str, Any]) -> bool:
     return body.get("temperature") == 0 or body.get("seed") is not None
 
 
-def _joined(request: web.Request, name: str) -> str | None:
-    """Every value of a header, as one string; None when it is absent."""
-    values = request.headers.getall(name, ())
-    return ",".join(values) if values else None
-
-
 def route_of(snapshot: Snapshot, request: web.Request) -> CompiledRoute:
     route = snapshot.match(request.method, request.rel_url.raw_path)
     if route is None:
