@@ -43,20 +43,6 @@ def test_key_equal_iff_canonical_inputs_equal(
     assert (k1 == k2) == same_inputs
 
 
-queries = st.sampled_from(["", "api-version=2024-10-21", "api-version=2025-01-01-preview"])
-
-
-@settings(max_examples=200, deadline=None)
-@given(queries, bodies, queries, bodies)
-def test_the_query_string_is_part_of_the_key(
-    q1: str, b1: dict[str, Any], q2: str, b2: dict[str, Any]
-) -> None:
-    # Azure's api-version lives in the query: two versions are two calls.
-    k1 = request_key("t", "up", "POST", "/p", b1, IGNORE, query=q1)
-    k2 = request_key("t", "up", "POST", "/p", b2, IGNORE, query=q2)
-    assert (k1 == k2) == ((q1, _canonical(b1)) == (q2, _canonical(b2)))
-
-
 def test_a_request_without_a_query_keys_as_before_the_query_was_keyed() -> None:
     # The value the key function gave before it took a query: cached entries stay reachable.
     body = {"model": "m"}
