@@ -25,6 +25,10 @@ from proxy.endpoint import EndMarker, Endpoint
 from proxy.sse import DONE, SSEEvent
 from proxy.stream import LogEvent
 
+# A Responses `error` event's own fields that make its error object: not its
+# `type` (which is "error") or its `sequence_number`.
+_ERROR_FIELDS = ("message", "code", "param")
+
 
 class Ending(enum.Enum):
     COMPLETE = "complete"  # whole and finished: cacheable
@@ -103,6 +107,3 @@ def _in_band_error(payload: dict[str, Any]) -> dict[str, Any] | None:
     if payload.get("type") == "error":
         return {name: value for name, value in payload.items() if name in _ERROR_FIELDS}
     return None
-
-
-_ERROR_FIELDS = ("message", "code", "param")  # not `type` (it is "error") or `sequence_number`
