@@ -38,7 +38,7 @@ NO_RESPONSE = "error"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
 # CacheStats fields that are levels, not running totals.
-_CACHE_GAUGES = frozenset({"in_lane", "writes_pending"})
+_CACHE_GAUGES = frozenset({"in_lane", "writes_pending", "local_bytes"})
 _CACHE_STATES = {"breaker_state": ("closed", "open", "half_open")}
 
 
@@ -232,6 +232,8 @@ def _cache_metrics(cache: object) -> Iterator[Metric]:
                 yield GaugeMetricFamily(name, f"Cache {field.name} now.", value=value)
             else:
                 yield CounterMetricFamily(name, f"Cache {field.name} so far.", value=value)
+        elif isinstance(value, float):
+            yield GaugeMetricFamily(name, f"Cache {field.name} now.", value=value)
         elif isinstance(value, str):
             family = GaugeMetricFamily(name, f"Cache {field.name} (1: current).", labels=["state"])
             for state in _CACHE_STATES.get(field.name, (value,)):

@@ -41,10 +41,14 @@ def build_cache(
             )
         except ValueError as exc:  # a malformed URL; redis-py's message omits credentials
             raise PolicyError(source, "cache.url", str(exc)) from exc
+    local = None
+    if config.backend == "redis" and config.local_tier is not None:
+        local = MemoryBackend(config.local_tier.max_bytes)
     return CacheLane(
         backend,
         workers=policy.stages.cache.workers,
         max_queue=policy.stages.cache.max_queue,
         timeout=config.timeout,
         breaker=CircuitBreaker(config.breaker.failures, config.breaker.reset_after),
+        local=local,
     )
