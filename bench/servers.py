@@ -30,6 +30,7 @@ from bench.procs import (
     tcp_probe,
     wait_ready,
 )
+from proxy.policy import DEFAULT_POLICY_PATH
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -90,6 +91,20 @@ def sidecar_policy(
     }
     if stages:
         policy["stages"] = stages
+    return policy
+
+
+def shipped_policy(upstream_port: int, *, quiet: bool = False) -> dict[str, Any]:
+    """The default policy as shipped (access log on), its upstream pointed at the fake.
+
+    `quiet` turns the access log off and the level to warning: the variant
+    earlier reports measured.
+    """
+    policy: dict[str, Any] = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
+    for upstream in policy["upstreams"].values():
+        upstream["base_url"] = f"http://127.0.0.1:{upstream_port}/v1"
+    if quiet:
+        policy["log"] = {"level": "warning", "access": False}
     return policy
 
 

@@ -161,6 +161,7 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     finally:
         await runner.cleanup()
     logs.event("stop")
+    logs.flush()  # the loop ends here: no timer will write what is buffered
 
 
 def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:
