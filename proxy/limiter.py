@@ -58,7 +58,10 @@ class StageLimiter:
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.observer = observer
+        # Told of every slot that was waited for; a slot free at once is only
+        # counted, which is all a wait of 0 s needs (the metrics fold it in).
         self.on_wait: Callable[[str, float], None] | None = None
+        self.free_acquired = 0
 
     def resize(self, max_concurrency: int, max_queue: int, queue_timeout: float) -> None:
         self._max_concurrency = max_concurrency
@@ -86,9 +89,9 @@ class StageLimiter:
     async def acquire(self, holder: str = "") -> None:
         if self._in_use < self._max_concurrency and not self._waiters:
             self._in_use += 1
-            self._note(holder, "acquire")
-            if self.on_wait is not None:
-                self.on_wait(self.name, 0.0)
+            self.free_acquired += 1
+            if self.observer is not None:
+                self._note(holder, "acquire")
             return
         if len(self._waiters) >= self._max_queue:
             self._note(holder, "reject")
