@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import plots
-from bench.common import Context, Section, median, num, percentile
+from bench.common import Context, Section, Target, median, num, percentile
 from bench.procs import Server
 from bench.servers import sidecar_policy
 from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream, session
@@ -38,6 +38,11 @@ class Cell:
     @property
     def per_event(self) -> float:
         return median([(t.last_at - t.first_at) / (t.events - 1) for t in self.ok])
+
+    @property
+    def total(self) -> float:
+        """Request sent to last event, median over streams."""
+        return median([t.last_at - t.sent for t in self.ok])
 
     @property
     def gap_p99(self) -> float:
@@ -64,6 +69,7 @@ async def run(ctx: Context) -> Section:
             "inter-event ms",
             "added per event µs",
             "gap p99 ms",
+            "added total ms",
             "failed",
         ],
     )
@@ -108,6 +114,7 @@ async def run(ctx: Context) -> Section:
                     num(cell.per_event * 1000, 4),
                     "—" if name == "direct" else num((cell.per_event - direct.per_event) * 1e6, 1),
                     num(cell.gap_p99 * 1000, 3),
+                    "—" if name == "direct" else num((cell.total - direct.total) * 1000, 3),
                     str(cell.failed),
                 ]
             )
@@ -128,6 +135,17 @@ async def run(ctx: Context) -> Section:
             return (cell.ttfe() - base.ttfe()) * 1000
         return (cell.per_event - base.per_event) * 1e6
 
+    side_total = (cells[(unpaced, "llm-sidecar")].total - cells[(unpaced, "direct")].total) * 1e3
+    bare_total = (cells[(unpaced, "bare relay")].total - cells[(unpaced, "direct")].total) * 1e3
+    total_ratio = side_total / bare_total if bare_total > 0 else float("nan")
+    section.targets.append(
+        Target(
+            "2",
+            "llm-sidecar added total time of a 200-event stream (unpaced) ≤ 1.5x the bare relay's",
+            f"{side_total:.3f} ms vs {bare_total:.3f} ms = {total_ratio:.2f}x",
+            None if total_ratio != total_ratio else total_ratio <= 1.5,
+        )
+    )
     section.headline.append(
         "Streaming (200 events, c=1, unpaced): added TTFE "
         f"bare relay {added(unpaced, 'bare relay', 'ttfe'):.3f} ms, "
