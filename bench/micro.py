@@ -1,8 +1,10 @@
 """Microbenchmarks of the fixed per-request costs: `python -m bench.micro [--n 100000]`.
 
 Each figure is CPU time per operation in this process (median of 5 runs),
-on whatever `proxy` package is first on PYTHONPATH, so the same command
-measures two trees (`PYTHONPATH=/path/to/other/tree python -m bench.micro`):
+on whatever `proxy` package is first on sys.path, so the same command
+measures two trees (from outside the repo, where the current directory
+does not come first: `cd /tmp && PYTHONPATH=/other/tree:/this/tree python
+-m bench.micro`):
 
 * access line: one `llm_sidecar.access` record through the JSON handler
   into /dev/null, split into what the request's own task pays (`on path`)
@@ -12,7 +14,8 @@ measures two trees (`PYTHONPATH=/path/to/other/tree python -m bench.micro`):
 * metrics: `Metrics.request_done` (one counter, a duration and a TTFB
   observation, two byte counters) and `Metrics.upstream_call`;
 * stage slot: acquiring and releasing a free stage slot, with the metrics
-  the running proxy attaches to it.
+  the running proxy attaches to it, directly and as `async with slot()`
+  (how the pump takes its two slots per request).
 """
 
 from __future__ import annotations
@@ -123,19 +126,27 @@ def metrics_costs(n: int) -> dict[str, float]:
     return {"request_done": per_op(done, n), "upstream_call": per_op(upstream, n)}
 
 
-async def stage_slot(n: int) -> float:
+async def stage_slot(n: int) -> dict[str, float]:
     metrics = Metrics()
     limiter = StageLimiter("leader", 64, 1024, 30.0)
     if hasattr(limiter, "on_wait"):
         limiter.on_wait = metrics.stage_waited
-    samples = []
+    direct, block = [], []
     for _ in range(5):
         started = time.process_time()
         for _ in range(n):
             await limiter.acquire("r")
             limiter.release("r")
-        samples.append((time.process_time() - started) / n * 1e6)
-    return statistics.median(samples)
+        direct.append((time.process_time() - started) / n * 1e6)
+        started = time.process_time()
+        for _ in range(n):
+            async with limiter.slot("r"):
+                pass
+        block.append((time.process_time() - started) / n * 1e6)
+    return {
+        "acquire+release": statistics.median(direct),
+        "async with slot()": statistics.median(block),
+    }
 
 
 async def _main(n: int) -> None:
@@ -146,8 +157,6 @@ async def _main(n: int) -> None:
         if isinstance(value, dict):
             text = ", ".join(f"{k} {v:.2f}" for k, v in value.items())
             print(f"{name}: {text}  (µs per op; writes per 1,000 lines)")
-        else:
-            print(f"{name}: {value:.2f} µs per acquire+release")
 
 
 def main() -> None:
