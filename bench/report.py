@@ -66,9 +66,8 @@ def environment(ctx: Context) -> dict[str, str]:
         "wrk": wrk_version(),
         "redis": redis,
         "litellm": litellm.splitlines()[-1] if litellm else "unknown",
-        "portkey": f"@portkey-ai/gateway {PORTKEY_VERSION}, node {_run(['node', '--version'])}"
-        if PORTKEY.exists()
-        else "not installed (a full run installs it)",
+        "portkey": f"@portkey-ai/gateway {PORTKEY_VERSION} (pinned; full runs install it "
+        f"under {PORTKEY.parents[3]}), node {_run(['node', '--version'])}",
         "mode": "quick (--quick: short runs, one round)" if ctx.quick else "full",
     }
 

@@ -145,7 +145,7 @@ async def run(ctx: Context) -> Section:
             "percentile minus the direct percentile at the same concurrency. Hop CPU is the "
             "CPU seconds the hop process alone spent per 1,000 requests, in a run of a fixed "
             f"number of requests per round (counted.lua, at the row's concurrency; "
-            f"{ctx.pick(3000, 600):,} per hop, {ctx.pick(300, 60):,} for LiteLLM and Portkey), "
+            f"{ctx.pick(2000, 500):,} per hop, {ctx.pick(200, 50):,} for LiteLLM and Portkey), "
             "fake CPU the fake upstream's in the same run; both share the one server core, so "
             "req/s is about 1 / (hop + fake CPU). llm-sidecar runs the default policy as shipped "
             "(access log on, memory cache: every answer is written to it); llm-sidecar quiet is "
@@ -195,7 +195,7 @@ async def run(ctx: Context) -> Section:
                         section.raw.setdefault("sidecar_upstream_calls", []).append(
                             {"wrk_requests": result.requests, "upstream_calls": stats["total"]}
                         )
-                    count = ctx.pick(300, 60) if name in SLOW else ctx.pick(3000, 600)
+                    count = ctx.pick(200, 50) if name in SLOW else ctx.pick(2000, 500)
                     cpu_before, fake_before = server.cpu_seconds(), fake.cpu_seconds()
                     # wrk runs its whole duration even after the last response: size it
                     # from the timed run (the idle rest costs the hop no CPU).
