@@ -1,8 +1,8 @@
 """The aiohttp application: routes, resources and their lifetimes.
 
 `build_app` wires a `Runtime` onto a new app; resources open and close in
-`cleanup_ctx`, in reverse order. `serve` runs it (see `proxy.lifecycle` for
-signals, reload and drain).
+`cleanup_ctx`, in reverse order. `proxy.lifecycle` serves it (signals,
+reload and drain).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.cache.factory import build_cache
+from proxy.gauges import watch
 from proxy.observe import OBSERVER, Observer
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
@@ -46,7 +47,7 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     # Bodies are read (and limited) by intake itself, not by aiohttp.
     app = web.Application(client_max_size=loaded.policy.limits.max_body_bytes + 1)
     app[RUNTIME] = rt
-    rt.metrics.watch(rt)
+    watch(rt)
     observer = app[OBSERVER] = Observer(rt)
     api = observer.wrap(handle_api)
     app.router.add_get("/healthz", healthz)
@@ -89,9 +90,3 @@ async def start_site(
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()
     return runner, site
-
-
-def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:
-    from proxy.lifecycle import serve as serve_with_lifecycle  # lifecycle imports this module
-
-    serve_with_lifecycle(loaded, host, port)

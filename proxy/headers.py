@@ -6,9 +6,26 @@ names belong to one connection and never cross the proxy.
 
 from __future__ import annotations
 
+import enum
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+# The response header that says which path served a request.
+SERVED_BY = "x-llm-sidecar"
+# The response header that says how many upstream attempts a stream took.
+ATTEMPTS_HEADER = "x-llm-sidecar-attempts"
+
+
+class Served(enum.StrEnum):
+    """Which path served a request: the value of `SERVED_BY` and the metrics label."""
+
+    LEAD = "lead"
+    FOLLOW = "follow"
+    HIT = "hit"
+    BYPASS = "bypass"
+
 
 HOP_BY_HOP = frozenset(
     {

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.endpoint import Endpoint
 from proxy.errors import BadRequest, BodyTooLarge, NotFound
 from proxy.headers import first_credential
 from proxy.keys import SHARED_TENANT, request_key, tenant_of
@@ -22,15 +23,15 @@ from proxy.routing import CompiledRoute, Snapshot
 
 @dataclass(frozen=True, slots=True)
 class Intake:
+    """A coalescible request, read and parsed; relayed requests never get one."""
+
     request_id: str
-    method: str
     path: str
     query: str
     route: CompiledRoute
-    raw: bytes  # the body as the caller sent it
-    body: dict[str, Any] | None  # parsed once; None when not coalesced
-    tenant: str
-    key: str | None  # None: relayed as-is
+    endpoint: Endpoint  # chosen once here; later stages never look at the path for it
+    body: dict[str, Any]  # parsed once
+    key: str
     wants_stream: bool
     wants_usage: bool
     cache_read: bool
@@ -83,7 +84,7 @@ def route_of(snapshot: Snapshot, request: web.Request) -> CompiledRoute:
 
 
 def coalescible_intake(
-    request: web.Request, route: CompiledRoute, raw: bytes, request_id: str
+    request: web.Request, route: CompiledRoute, endpoint: Endpoint, raw: bytes, request_id: str
 ) -> Intake:
     try:
         body = orjson.loads(raw)
@@ -108,13 +109,11 @@ def coalescible_intake(
     options = body.get("stream_options")
     return Intake(
         request_id=request_id,
-        method=request.method,
         path=request.path,
         query=request.query_string,
         route=route,
-        raw=raw,
+        endpoint=endpoint,
         body=body,
-        tenant=tenant,
         key=key,
         wants_stream=body.get("stream") is True,
         wants_usage=isinstance(options, dict) and options.get("include_usage") is True,

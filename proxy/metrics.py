@@ -1,14 +1,15 @@
 """Prometheus metrics: one registry per app, nothing but plain ints on the hot path.
 
-What moves per request (request counts, durations, bytes, upstream calls,
-stage waits) is kept as plain ints and floats on the app's `Metrics`:
-counters in dicts, histograms as one int per bucket (found by bisection)
-and a float sum. Everything runs on the event loop thread, so no lock is
-taken (prometheus-client's own metrics take one per increment); a collector
-turns them into the usual families at scrape time, under the same names and
-labels, `_created` timestamps included. Levels rather than events (stage
-in-use and queued, streams in flight, the cache's counters) are read from
-the runtime at scrape time too.
+What moves per request (request counts, durations, bytes, upstream calls
+and attempts, retries, ejections, stage waits) is kept as plain ints and
+floats on the app's `Metrics`: counters in dicts, histograms as one int per
+bucket (found by bisection) and a float sum. Everything runs on the event
+loop thread, so no lock is taken (prometheus-client's own metrics take one
+per increment); a collector turns them into the usual families at scrape
+time, under the same names and labels, `_created` timestamps included.
+Levels rather than events (stage in-use and queued, streams in flight, the
+cache's counters) are read from the runtime at scrape time too, by
+`proxy.gauges`.
 
 A stage slot taken without waiting is not observed at all: the limiter
 counts it, and the scrape folds that count into the stage-wait histogram's
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -32,7 +33,6 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
-    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -40,10 +40,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-if TYPE_CHECKING:
-    from proxy.runtime import Runtime
+from proxy.cache.base import Cache
+from proxy.headers import Served
 
-SERVED = ("lead", "follow", "hit", "bypass", "none")
+if TYPE_CHECKING:
+    from proxy.limiter import StageLimiter
+
+SERVED = (*(served.value for served in Served), "none")
 STAGES = ("leader", "follower", "upstream")
 # Upstream status label for a call that got no response at all.
 NO_RESPONSE = "error"
@@ -107,9 +110,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._served = {name: _Served() for name in SERVED}
         self._upstream: dict[tuple[int, int | None], _Counter] = {}
+        self._attempts: dict[tuple[str, int | str], _Counter] = {}
+        self._retries = _Counter()
+        self._retries_refused: dict[str, _Counter] = {}
+        self._ejections: dict[str, _Counter] = {}
         self._waits = {name: _Histogram(_WAIT) for name in STAGES}
         self._reloads = {"ok": _Counter(), "failed": _Counter()}
-        self._runtime: Runtime | None = None
+        # The live limiters (resized in place on reload, never replaced): their
+        # free-slot counts join the stage-wait histogram at scrape time.
+        self._limiters: tuple[StageLimiter, ...] = ()
         self.registry.register(_MetricsCollector(self))
 
     # -- hot path -------------------------------------------------------
@@ -142,6 +151,25 @@ class Metrics:
             counter = self._upstream[(route, status)] = _Counter()
         counter.value += 1
 
+    def attempt(self, target: str, outcome: int | str) -> None:
+        """One attempt at `target`: its status, or CONNECT_ERROR / TIMEOUT."""
+        counter = self._attempts.get((target, outcome))
+        if counter is None:
+            counter = self._attempts[(target, outcome)] = _Counter()
+        counter.value += 1
+
+    def retried(self) -> None:
+        """An attempt made after a first one failed (a retry or a fallback)."""
+        self._retries.value += 1
+
+    def retry_refused(self, reason: str) -> None:
+        """A retryable failure answered as it was (attempts, budget, retry_after, draining)."""
+        _bump(self._retries_refused, reason)
+
+    def ejected(self, target: str) -> None:
+        """`target` was ejected for a cool-down."""
+        _bump(self._ejections, target)
+
     def stage_waited(self, stage: str, seconds: float) -> None:
         """A slot that was waited for (free ones are counted by the limiter)."""
         child = self._waits.get(stage)
@@ -153,16 +181,27 @@ class Metrics:
 
     # -- scrape time ----------------------------------------------------
 
-    def watch(self, rt: Runtime) -> None:
-        """Read `rt` at scrape time and time its stage waits."""
-        self._runtime = rt
-        self.registry.register(_RuntimeCollector(rt))
-        for limiter in rt.stages.all():
+    def time_stages(self, limiters: Iterable[StageLimiter]) -> None:
+        """Time the waits of `limiters`, and count their free slots at scrape time."""
+        self._limiters = tuple(limiters)
+        for limiter in self._limiters:
             limiter.on_wait = self.stage_waited
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _bump(counters: dict[str, _Counter], label: str) -> None:
+    counter = counters.get(label)
+    if counter is None:
+        counter = counters[label] = _Counter()
+    counter.value += 1
+
+
+def _counters(family: CounterMetricFamily, counters: Iterable[tuple[str, _Counter]]) -> None:
+    for label, counter in counters:
+        family.add_metric([label], counter.value, created=counter.created)
 
 
 def _histogram(
@@ -228,72 +267,59 @@ class _MetricsCollector(Collector):
             label = NO_RESPONSE if code is None else str(code)
             upstream.add_metric([str(route), label], counter.value, created=counter.created)
         yield upstream
+        yield from _retry_families(m)
         waits = HistogramMetricFamily(
             "llm_sidecar_stage_wait_seconds",
             "Time from asking for a stage slot to getting it (0 when free).",
             labels=["stage"],
         )
-        free = {}
-        if m._runtime is not None:
-            free = {limiter.name: limiter.free_acquired for limiter in m._runtime.stages.all()}
+        free = {limiter.name: limiter.free_acquired for limiter in m._limiters}
         for stage, hist in m._waits.items():
             _histogram(waits, {"stage": stage}, hist, free.get(stage, 0))
         yield waits
         reloads = CounterMetricFamily(
             "llm_sidecar_reloads", "Policy reloads by result (ok, failed).", labels=["result"]
         )
-        for result, counter in m._reloads.items():
-            reloads.add_metric([result], counter.value, created=counter.created)
+        _counters(reloads, m._reloads.items())
         yield reloads
 
 
-class _RuntimeCollector(Collector):
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
-
-    def collect(self) -> Iterator[Metric]:
-        rt = self._rt
-        in_use = GaugeMetricFamily(
-            "llm_sidecar_stage_in_use", "Slots held now, per stage.", labels=["stage"]
-        )
-        queued = GaugeMetricFamily(
-            "llm_sidecar_stage_queued", "Requests waiting for a slot, per stage.", labels=["stage"]
-        )
-        limit = GaugeMetricFamily(
-            "llm_sidecar_stage_max_concurrency", "The stage's current limit.", labels=["stage"]
-        )
-        bound = GaugeMetricFamily(
-            "llm_sidecar_stage_max_queue", "The stage's current queue bound.", labels=["stage"]
-        )
-        for limiter in rt.stages.all():
-            stats = limiter.stats()
-            in_use.add_metric([stats.name], stats.in_use)
-            queued.add_metric([stats.name], stats.queued)
-            limit.add_metric([stats.name], stats.max_concurrency)
-            bound.add_metric([stats.name], stats.max_queue)
-        yield from (in_use, queued, limit, bound)
-        yield GaugeMetricFamily(
-            "llm_sidecar_streams_in_flight", "Published streams (one per key).", value=len(rt.table)
-        )
-        yield GaugeMetricFamily(
-            "llm_sidecar_pumps", "Upstream pump tasks alive.", value=len(rt.pumps)
-        )
-        yield GaugeMetricFamily(
-            "llm_sidecar_draining", "1 while shutting down.", value=1 if rt.draining else 0
-        )
-        yield InfoMetricFamily(
-            "llm_sidecar_policy", "The policy being served.", value={"version": rt.snapshot.version}
-        )
-        yield from _cache_metrics(rt.cache)
+def _retry_families(m: Metrics) -> Iterator[Metric]:
+    attempts = CounterMetricFamily(
+        "llm_sidecar_upstream_attempts",
+        "Upstream attempts by target and outcome (the status, or connect_error, timeout).",
+        labels=["target", "outcome"],
+    )
+    for (target, outcome), counter in list(m._attempts.items()):
+        attempts.add_metric([target, str(outcome)], counter.value, created=counter.created)
+    yield attempts
+    retries = CounterMetricFamily(
+        "llm_sidecar_upstream_retries",
+        "Attempts made after a first one failed (retries and fallbacks).",
+    )
+    retries.add_metric([], m._retries.value, created=m._retries.created)
+    yield retries
+    refused = CounterMetricFamily(
+        "llm_sidecar_upstream_retries_refused",
+        "Retryable failures answered as they were, by reason"
+        " (attempts, budget, retry_after, draining).",
+        labels=["reason"],
+    )
+    _counters(refused, list(m._retries_refused.items()))
+    yield refused
+    ejections = CounterMetricFamily(
+        "llm_sidecar_upstream_ejections",
+        "Times a target was ejected for a cool-down after failing in a row.",
+        labels=["target"],
+    )
+    _counters(ejections, list(m._ejections.items()))
+    yield ejections
 
 
-def _cache_metrics(cache: object) -> Iterator[Metric]:
-    """The cache's own counters, when it has any (a `stats()` dataclass)."""
-    stats_of = getattr(cache, "stats", None)
-    if not callable(stats_of):
-        return
-    stats = stats_of()
-    if not dataclasses.is_dataclass(stats):
+def cache_metrics(cache: Cache) -> Iterator[Metric]:
+    """The cache's own counters, when it keeps any."""
+    stats = cache.stats()
+    if stats is None:
         return
     for field in dataclasses.fields(stats):
         value = getattr(stats, field.name)

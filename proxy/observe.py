@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.logs import access_log
-from proxy.reply import SERVED_BY
 from proxy.runtime import Runtime
 from proxy.trail import TRAIL, Trail
 
@@ -87,8 +86,6 @@ class Observer:
     ) -> None:
         end = time.perf_counter()
         served = trail.served
-        if response is not None:
-            served = response.headers.get(SERVED_BY, served)
         stream = trail.stream
         upstream = trail.upstream
         bytes_out = trail.bytes_out
@@ -128,6 +125,7 @@ class Observer:
                 "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
                 "bytes_in": bytes_in,
                 "bytes_out": bytes_out,
+                "attempts": None if stream is None else [a.log_fields() for a in stream.attempts],
             }
             access_log.info("request", extra={"fields": fields})
 

@@ -1,21 +1,24 @@
-"""The request path for the API: intake, cache lane, table, stages, reply.
+"""The request path for the API: intake, cache lane, in-flight table, stages.
 
-Join-or-lead happens here in one synchronous step: after the last await
-(the cache lookup) the table is read and, when the key is absent, a new
-stream is published and its pump spawned before anything else can run.
+Each box of DESIGN's diagram has its own module; this one only routes a
+request between them. Join-or-lead is one synchronous step: after the last
+await (the cache lookup) the table either hands back a live stream to follow
+or publishes a new one, whose pump starts before anything else can run.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.backpressure import send_whole
 from proxy.errors import ProxyError
 from proxy.intake import Intake, coalescible_intake, read_body, request_id_of, route_of
-from proxy.policy import StreamSettings
 from proxy.pump import pump
 from proxy.relay import relay
-from proxy.reply import error_response, serve_answer, serve_from_stream
+from proxy.reply import error_response, serve_answer
 from proxy.runtime import RUNTIME, Runtime
+from proxy.stages.follower import follow
+from proxy.stages.leader import lead
 from proxy.stream import Stream
 from proxy.trail import trail_of
 
@@ -32,32 +35,31 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if trail is not None:
             trail.route = route.index
         policy = snapshot.loaded.policy
-        if not route.coalesces(request.method, request.path):
-            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
+        endpoint = route.endpoint(request.method, request.path)
+        if endpoint is None:
+            return await relay(
+                request, route, request_id, rt, policy.limits.max_body_bytes, policy.stream
+            )
         raw = await read_body(request, policy.limits.max_body_bytes)
-        intake = coalescible_intake(request, route, raw, request_id)
-        return await coalesce(request, intake, rt, policy.stream)
+        intake = coalescible_intake(request, route, endpoint, raw, request_id)
+        return await send_whole(request, await coalesce(request, intake, rt), policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)
 
 
-async def coalesce(
-    request: web.Request, intake: Intake, rt: Runtime, settings: StreamSettings
-) -> web.StreamResponse:
-    assert intake.key is not None
+async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.StreamResponse:
     if intake.cache_read:
         answer = await rt.cache.lookup(intake.key)
         if answer is not None:
             return await serve_answer(request, intake, answer)
-    # No await from here to the spawn: this is the single-flight step.
-    existing = rt.table.get(intake.key)
-    if existing is not None and existing.joinable:
-        return await serve_from_stream(request, intake, existing, rt, "follow", rt.stages.follower)
-    stream = Stream(intake.key, settings)
-    stream.cancel_on_abandon = intake.route.config.on_abandon == "cancel"
-    if existing is None:
-        rt.table.publish(stream)
-    # else: the live stream is past its log cap; this one runs unpublished.
+    settings = rt.snapshot.loaded.policy.stream
+    cancel = intake.route.config.on_abandon == "cancel"
+    # No await from here to the pump's start: this is the single-flight step.
+    stream, joined = rt.table.join_or_publish(
+        intake.key, lambda: Stream(intake.key, settings, cancel_on_abandon=cancel)
+    )
+    if joined:
+        return await follow(request, intake, stream, rt)
     headers = intake.route.upstream_headers(request.headers, intake.request_id)
-    stream.pump = rt.spawn_pump(pump(rt, stream, intake, headers))
-    return await serve_from_stream(request, intake, stream, rt, "lead", None)
+    rt.start_pump(stream, pump(rt, stream, intake, headers))
+    return await lead(request, intake, stream)

@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
+from proxy.endpoint import Endpoint
 from proxy.errors import HookRejected, UpstreamUnavailable
 from proxy.headers import CREDENTIAL_HEADERS
 from proxy.policy import (
@@ -50,6 +51,7 @@ class Outgoing:
     """The request as it will be sent upstream."""
 
     path: str
+    endpoint: Endpoint
     body: dict[str, Any]
     headers: CIMultiDict[str]
 
@@ -109,7 +111,8 @@ class ClampMaxTokensStep:
     max: int
 
     async def __call__(self, request: Outgoing) -> Outgoing:
-        if request.path.endswith("/embeddings"):
+        field = request.endpoint.max_tokens_field
+        if field is None:
             return request
         body = dict(request.body)
         present = [name for name in _TOKEN_FIELDS if isinstance(body.get(name), int)]
@@ -117,9 +120,7 @@ class ClampMaxTokensStep:
             body[name] = min(body[name], self.max)
         if not present:
             # An absent limit means "as long as the model likes": the clamp's job.
-            body["max_output_tokens" if request.path.endswith("/responses") else "max_tokens"] = (
-                self.max
-            )
+            body[field] = self.max
         return replace(request, body=body)
 
 
@@ -131,7 +132,7 @@ class SystemMessageStep:
         body = dict(request.body)
         if isinstance(body.get("messages"), list):
             body["messages"] = [{"role": "system", "content": self.content}, *body["messages"]]
-        elif request.path.endswith("/responses"):
+        elif request.endpoint.has_instructions:
             existing = body.get("instructions")
             body["instructions"] = f"{self.content}\n\n{existing}" if existing else self.content
         else:

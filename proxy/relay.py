@@ -3,22 +3,37 @@
 Bodies stream both ways; an SSE response passes through chunk by chunk.
 Used for GET /v1/models, files, unknown endpoints and routes with
 `coalesce: false`.
+
+The upstream's bounds hold here too: the exchange ends at `max_duration`
+and the body at `max_response_bytes` (an SSE body with an error event, any
+other body cut). A caller whose socket does not drain within
+`write_timeout` is dropped, and the upstream connection with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
+from proxy.backpressure import drain_within, write_deadline
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
-from proxy.headers import downstream_response_headers
-from proxy.reply import SERVED_BY
+from proxy.headers import SERVED_BY, Served, downstream_response_headers
+from proxy.policy import StreamSettings
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
-from proxy.upstream import open_upstream, read_chunks, upstream_url
+from proxy.upstream import (
+    check_declared_size,
+    deadline,
+    open_upstream,
+    read_chunks,
+    upstream_url,
+)
 
 
 def _too_large(limit: int) -> str:
@@ -53,8 +68,25 @@ async def relay(
     request_id: str,
     rt: Runtime,
     limit: int,
+    settings: StreamSettings,
+) -> web.StreamResponse:
+    # The session is held until the response is relayed: a reload that
+    # replaces the upstream closes it only after.
+    with rt.pool.lease(route.upstream_name, route.upstream) as session:
+        return await _relay(request, route, request_id, rt, limit, settings, session)
+
+
+async def _relay(
+    request: web.Request,
+    route: CompiledRoute,
+    request_id: str,
+    rt: Runtime,
+    limit: int,
+    settings: StreamSettings,
+    session: aiohttp.ClientSession,
 ) -> web.StreamResponse:
     config = route.upstream
+    started = asyncio.get_running_loop().time()
     headers = route.upstream_headers(request.headers, request_id)
     body: _LimitedBody | None = None
     if request.body_exists:
@@ -65,12 +97,12 @@ async def relay(
             # Known length: the upstream gets it too, rather than a chunked upload.
             headers["Content-Length"] = str(length)
         body = _LimitedBody(request, limit)
-    session = rt.pool.session(route.upstream_name, config)
     url = upstream_url(config, request.path, request.query_string)
     try:
-        upstream = await open_upstream(
-            session, config, request.method, url, headers, body.chunks() if body else None
-        )
+        async with deadline(config, started):
+            upstream = await open_upstream(
+                session, config, request.method, url, headers, body.chunks() if body else None
+            )
     except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
         if body is not None and body.exceeded:
@@ -79,32 +111,46 @@ async def relay(
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)
     if trail is not None:
-        trail.served, trail.upstream = "bypass", upstream.status
+        trail.served, trail.upstream = Served.BYPASS, upstream.status
     clean = False
     try:
+        check_declared_size(upstream, config)  # before the head: the caller gets a 502
         out_headers = downstream_response_headers(upstream.headers)
         out_headers["X-Request-Id"] = request_id
-        out_headers[SERVED_BY] = "bypass"
+        out_headers[SERVED_BY] = Served.BYPASS
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         is_sse = upstream.content_type == "text/event-stream"
         if upstream.content_length is not None and not is_sse:
             response.content_length = upstream.content_length
-        await response.prepare(request)
+        writer = await response.prepare(request)
+        assert isinstance(writer, StreamWriter)
+        transport = writer.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        high_water, write_timeout = settings.write_high_water, settings.write_timeout
+        transport.set_write_buffer_limits(high=high_water)
         if trail is not None:
             trail.first_byte_at = time.perf_counter()
         try:
-            async for chunk in read_chunks(upstream, config.idle_timeout):
-                await response.write(chunk)
-        except UpstreamBroken as exc:
+            async with deadline(config, started):
+                async for chunk in read_chunks(upstream, config):
+                    # No timer per chunk: only a full socket is waited on, bounded.
+                    await writer.write(chunk, drain=False)
+                    if transport.get_write_buffer_size() > high_water:
+                        await drain_within(writer, write_timeout)
+        except UpstreamBroken as exc:  # cut, idle, or past a bound
             if not is_sse:
                 # A cut body must look cut to the caller, not complete.
-                if request.transport is not None:
-                    request.transport.close()
+                transport.close()
                 return response
-            await response.write(exc.sse_event())
-        await response.write_eof()
+            async with write_deadline(transport, write_timeout):
+                await response.write(exc.sse_event())
+        async with write_deadline(transport, write_timeout):
+            await response.write_eof()
         clean = True
         return response
+    except ConnectionResetError:
+        return response  # the caller left or stopped reading: only this exchange ends
     finally:
         if trail is not None:
             trail.bytes_out = upstream.content.total_bytes  # what was read is what was sent

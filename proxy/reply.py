@@ -5,47 +5,62 @@ stream's push set and sleeps until the producer tells it to act (the end,
 or its own buffer passing the high-water mark). While nothing arrives it
 sends an SSE comment now and then so idle timeouts on the hops between
 never cut a long wait for the first token.
+
+The log goes out in pieces of about `write_high_water`, and every wait on
+the caller's socket is bounded (`proxy.backpressure`): a caller that stops
+reading is dropped alone; the stream and its other readers go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
+from proxy.backpressure import drain_within, write_deadline
 from proxy.cache.base import CachedAnswer
 from proxy.errors import ProxyError, UpstreamBroken
+from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, Served
 from proxy.intake import Intake
-from proxy.limiter import StageLimiter
-from proxy.runtime import Runtime
+from proxy.policy import StreamSettings
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream, frame_events
 from proxy.trail import trail_of
 
-SERVED_BY = "x-llm-sidecar"
 _KEEPALIVE_FRAME = chunk_frame(COMMENT_KEEPALIVE)
+
+# Fan-out writes frames straight to the transport after `send_headers`, an
+# aiohttp internal (pinned in pyproject.toml; tests/test_aiohttp_writer.py).
+# Refuse to start rather than corrupt streams on an aiohttp without it.
+if not callable(getattr(StreamWriter, "send_headers", None)):
+    raise ImportError(
+        "llm-sidecar: aiohttp's StreamWriter.send_headers is gone; fan-out needs it."
+        " Install the aiohttp series pyproject.toml pins."
+    )
 _DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
 
 
-def error_response(error: ProxyError, request_id: str, served: str | None = None) -> web.Response:
+def error_response(
+    error: ProxyError, request_id: str, served: Served | None = None
+) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    if served is not None:
-        headers[SERVED_BY] = served
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 
-def _headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMultiDict[str]:
+def _headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiDict[str]:
     headers = base.copy()
     headers["X-Request-Id"] = intake.request_id
     headers[SERVED_BY] = served
     return headers
 
 
-def _json_headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMultiDict[str]:
+def _json_headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiDict[str]:
     headers = _headers(base, intake, served)
     for name in _DROP_FROM_JSON:
         headers.popall(name, None)
@@ -56,15 +71,29 @@ def _json_headers(base: CIMultiDict[str], intake: Intake, served: str) -> CIMult
 class SSEOut:
     """One caller's SSE response: its writer, transport and cursor."""
 
-    __slots__ = ("reader", "response", "writer")
+    __slots__ = ("reader", "response", "write_timeout", "writer")
 
-    def __init__(self, response: web.StreamResponse, writer: StreamWriter, wants_usage: bool):
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        writer: StreamWriter,
+        wants_usage: bool,
+        write_timeout: float,
+    ):
         self.response = response
         self.writer = writer
         self.reader = PushReader(writer.transport, wants_usage)
+        self.write_timeout = write_timeout
 
     @classmethod
-    async def start(cls, request: web.Request, head: Head, intake: Intake, served: str) -> SSEOut:
+    async def start(
+        cls,
+        request: web.Request,
+        head: Head,
+        intake: Intake,
+        served: Served,
+        settings: StreamSettings,
+    ) -> SSEOut:
         headers = _headers(head.headers, intake, served)
         headers.popall("content-length", None)
         headers["Cache-Control"] = "no-cache"
@@ -72,31 +101,55 @@ class SSEOut:
         response.enable_chunked_encoding()
         writer = await response.prepare(request)
         assert isinstance(writer, StreamWriter)
+        transport = writer.transport
+        if transport is not None:
+            # The connection pauses where fan-out stops pushing to it, so a
+            # drain waits exactly until the caller has taken the excess.
+            transport.set_write_buffer_limits(high=settings.write_high_water)
         # Our frames go straight to the transport, so the headers must go first.
         writer.send_headers()
-        out = cls(response, writer, intake.wants_usage)
+        out = cls(response, writer, intake.wants_usage, settings.write_timeout)
         trail = trail_of(request)
         if trail is not None:
             trail.reader, trail.first_byte_at = out.reader, time.perf_counter()
         return out
 
-    async def catch_up(self, stream: Stream) -> None:
-        """Write the log from this reader's cursor to its current end."""
+    def replay(self, stream: Stream) -> bool:
+        """Write the log from this reader's cursor, never waiting: True once
+        caught up, False when the caller's socket is full and must drain.
+
+        Pieces of about `write_high_water`, so the buffer never holds much
+        more than that beyond what the socket took; a late joiner to a small
+        backlog still costs one write.
+        """
         reader = self.reader
         transport = reader.transport
-        end = len(stream.events)
-        if reader.cursor >= end:
-            return
-        # The whole backlog in one write: a late joiner costs one syscall.
-        frame = frame_events(stream.events[reader.cursor : end], reader.wants_usage)
-        reader.cursor = end
-        if not frame:
-            return
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
-        transport.write(frame)
-        if transport.get_write_buffer_size() > stream.settings.write_high_water:
-            await self.writer.drain()
+        events = stream.events
+        high_water = stream.settings.write_high_water
+        while reader.cursor < len(events):
+            buffered = transport.get_write_buffer_size()
+            if buffered > high_water:
+                return False
+            start = stop = reader.cursor
+            end = len(events)
+            room = max(high_water - buffered, 1)
+            size = 0
+            while stop < end and size < room:
+                size += len(events[stop].raw)
+                stop += 1
+            frame = frame_events(events[start:stop], reader.wants_usage)
+            reader.cursor = stop
+            if frame:
+                transport.write(frame)
+        return True
+
+    async def catch_up(self, stream: Stream) -> None:
+        """Write the log from this reader's cursor to its current end, waiting
+        for the caller's socket (at most `write_timeout` each time) when full."""
+        while not self.replay(stream):
+            await drain_within(self.writer, self.write_timeout)
 
     async def follow(self, stream: Stream) -> None:
         keepalive = stream.settings.keepalive_interval
@@ -122,48 +175,71 @@ class SSEOut:
                 stream.unsubscribe(reader)
 
     async def end(self, error: ProxyError | None = None) -> None:
-        if error is not None:
-            transport = self.reader.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(chunk_frame(error.sse_event()))
-        await self.response.write_eof()
+        transport = self.reader.transport
+        if error is not None and transport is not None and not transport.is_closing():
+            transport.write(chunk_frame(error.sse_event()))
+        async with write_deadline(transport, self.write_timeout):
+            await self.response.write_eof()
 
 
-def _leave(rt: Runtime, stream: Stream) -> None:
-    stream.readers -= 1
-    if stream.readers == 0 and stream.state != "done" and stream.cancel_on_abandon:
-        # Unpublish now so a request arriving this instant starts afresh.
-        rt.table.unpublish(stream)
-        if stream.pump is not None:
-            stream.pump.cancel()
+class StreamReply:
+    """One caller answered from a stream it leads or follows.
 
-
-async def serve_from_stream(
-    request: web.Request,
-    intake: Intake,
-    stream: Stream,
-    rt: Runtime,
-    served: str,
-    setup_slot: StageLimiter | None,
-) -> web.StreamResponse:
-    """Answer one caller from a stream it leads or follows.
-
-    A follower holds `setup_slot` only while it attaches and, when the
-    stream is already flowing, while its backlog is replayed.
+    `run` writes the whole answer and maps what can go wrong (a proxy
+    error, the caller leaving) onto the response; a stage passes `setup`
+    to do its early part (a follower's attach and replay) under its slot.
     """
-    stream.readers += 1
-    trail = trail_of(request)
-    if trail is not None:
-        trail.stream, trail.served = stream, served
-    out: SSEOut | None = None
-    try:
-        if setup_slot is not None:
-            async with setup_slot.slot(intake.request_id):
-                if intake.wants_stream and stream.head.done() and stream.head.exception() is None:
-                    head = stream.head.result()
-                    if head.is_sse and head.status < 300:
-                        out = await SSEOut.start(request, head, intake, served)
-                        await out.catch_up(stream)
+
+    def __init__(
+        self, request: web.Request, intake: Intake, stream: Stream, served: Served
+    ) -> None:
+        self._request = request
+        self._intake = intake
+        self._stream = stream
+        self._served = served
+        self._out: SSEOut | None = None
+        trail = trail_of(request)
+        if trail is not None:
+            trail.stream, trail.served = stream, served
+
+    async def replay_backlog(self) -> None:
+        """When the stream is already flowing, start this caller's SSE and
+        hand its socket what it takes of the log at once, never waiting."""
+        stream, intake = self._stream, self._intake
+        if intake.wants_stream and stream.head.done() and stream.head.exception() is None:
+            head = stream.head.result()
+            if head.is_sse and head.status < 300:
+                self._out = await SSEOut.start(
+                    self._request, head, intake, self._served, stream.settings
+                )
+                # What the socket takes now; `run` writes the rest with no
+                # slot held, so a caller that stops reading holds none.
+                self._out.replay(stream)
+
+    async def run(
+        self, setup: Callable[[StreamReply], Awaitable[None]] | None = None
+    ) -> web.StreamResponse:
+        try:
+            if setup is not None:
+                await setup(self)
+            return await self._write()
+        except ProxyError as exc:
+            if self._out is None:
+                response = error_response(exc, self._intake.request_id, self._served)
+                attempts = self._stream.attempts
+                if attempts:  # the tries that all failed, as the head would have said
+                    response.headers[ATTEMPTS_HEADER] = str(len(attempts))
+                return response
+            with contextlib.suppress(ConnectionResetError):
+                await self._out.end(exc)
+            return self._out.response
+        except ConnectionResetError:
+            # The caller went away mid-stream; only this reader leaves. Nobody
+            # reads what we return; 499 is what access logs call it.
+            return self._out.response if self._out is not None else web.Response(status=499)
+
+    async def _write(self) -> web.StreamResponse:
+        stream, intake, served = self._stream, self._intake, self._served
         # shield: the head and the end are shared by every reader, and a
         # cancelled await (this caller leaving) would cancel them for all.
         head = await asyncio.shield(stream.head)
@@ -176,11 +252,11 @@ async def serve_from_stream(
                 status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
             )
         if intake.wants_stream:
-            if out is None:
-                out = await SSEOut.start(request, head, intake, served)
-            await out.follow(stream)
-            await out.response.write_eof()
-            return out.response
+            if self._out is None:
+                self._out = await SSEOut.start(self._request, head, intake, served, stream.settings)
+            await self._out.follow(stream)
+            await self._out.end()
+            return self._out.response
         await asyncio.shield(stream.finished)
         if stream.assembled is None:
             raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
@@ -189,31 +265,23 @@ async def serve_from_stream(
             body=stream.assembled,
             headers=_json_headers(head.headers, intake, served),
         )
-    except ProxyError as exc:
-        if out is not None:
-            await out.end(exc)
-            return out.response
-        return error_response(exc, intake.request_id, served)
-    except ConnectionResetError:
-        # The caller went away mid-stream; only this reader leaves. Nobody
-        # reads what we return; 499 is what access logs call it.
-        return out.response if out is not None else web.Response(status=499)
-    finally:
-        _leave(rt, stream)
 
 
 async def serve_answer(
     request: web.Request, intake: Intake, answer: CachedAnswer
 ) -> web.StreamResponse:
     """A cache hit: the stored events as SSE, or the stored JSON."""
+    trail = trail_of(request)
+    if trail is not None:
+        trail.served = Served.HIT
     base: CIMultiDict[str] = CIMultiDict({"Content-Type": answer.content_type})
     base["Age"] = str(max(0, int(time.time() - answer.stored_at)))
     if not (intake.wants_stream and answer.is_sse):
         assert answer.body is not None
         return web.Response(
-            status=answer.status, body=answer.body, headers=_json_headers(base, intake, "hit")
+            status=answer.status, body=answer.body, headers=_json_headers(base, intake, Served.HIT)
         )
-    headers = _headers(base, intake, "hit")
+    headers = _headers(base, intake, Served.HIT)
     headers["Cache-Control"] = "no-cache"
     skip = None if intake.wants_usage else answer.usage_event
     body = b"".join(raw for index, raw in enumerate(answer.events) if index != skip)

@@ -9,9 +9,10 @@ tasks it owns.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import secrets
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,30 +20,15 @@ import aiohttp
 from aiohttp import web
 
 from proxy.cache.base import Cache, NullCache
+from proxy.errors import ShuttingDown, UpstreamBroken
 from proxy.limiter import StageEvent, StageLimiter
 from proxy.metrics import Metrics
 from proxy.policy import Stages
+from proxy.retry import RetryState
 from proxy.routing import Snapshot
+from proxy.stream import Stream
 from proxy.table import InflightTable
 from proxy.upstream import UpstreamPool
-
-
-class StageRecorder:
-    """Keeps every stage event and flags any holder with two slots at once."""
-
-    def __init__(self) -> None:
-        self.events: list[StageEvent] = []
-        self.violations: list[StageEvent] = []
-        self._held: dict[str, str] = {}
-
-    def __call__(self, event: StageEvent) -> None:
-        self.events.append(event)
-        if event.kind == "acquire":
-            if event.holder in self._held:
-                self.violations.append(event)
-            self._held[event.holder] = event.stage
-        elif event.kind == "release":
-            self._held.pop(event.holder, None)
 
 
 @dataclass(eq=False)
@@ -67,7 +53,8 @@ class StageSet:
             limit = getattr(stages, limiter.name)
             limiter.resize(limit.max_concurrency, limit.max_queue, limit.queue_timeout)
 
-    def observe(self, observer: StageRecorder | None) -> None:
+    def observe(self, observer: Callable[[StageEvent], None] | None) -> None:
+        """Report every slot event to `observer` (tests use it to check invariants)."""
         for limiter in self.all():
             limiter.observer = observer
 
@@ -104,14 +91,10 @@ class Runtime:
     draining: bool = False
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(8))
     _id_counter: Iterator[int] = field(default_factory=itertools.count)
-    recorder: StageRecorder | None = None
     # This app's own registry: tests and apps in one process never share one.
     metrics: Metrics = field(default_factory=Metrics)
-
-    def record_stages(self) -> StageRecorder:
-        self.recorder = StageRecorder()
-        self.stages.observe(self.recorder)
-        return self.recorder
+    # Retry budget, target ejections and the draws between targets.
+    retries: RetryState = field(default_factory=RetryState)
 
     def new_request_id(self) -> str:
         """A unique id: a random per-process prefix and a counter.
@@ -127,11 +110,27 @@ class Runtime:
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)
 
-    def spawn_pump(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def start_pump(self, stream: Stream, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `stream`'s pump as a task the runtime owns.
+
+        The stream's end does not rest on the coroutine reaching its own
+        cleanup: a task cancelled before its first step never runs any of
+        it. The done-callback ends whatever the pump left open and
+        unpublishes the stream, however the task ended.
+        """
         task = asyncio.create_task(coro)
+        stream.pump = task
         self.pumps.add(task)
-        task.add_done_callback(self.pumps.discard)
-        return task
+        task.add_done_callback(functools.partial(self._pump_ended, stream))
+
+    def _pump_ended(self, stream: Stream, task: asyncio.Task[None]) -> None:
+        self.pumps.discard(task)
+        if stream.state != "done":
+            if self.draining:  # cancelled at the drain deadline: tell readers why
+                stream.fail(ShuttingDown("llm-sidecar: shutting down; the stream was cut"))
+            else:
+                stream.fail(UpstreamBroken("llm-sidecar: the upstream call was cancelled"))
+        self.table.unpublish(stream)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.attempts import targets_status
+from proxy.cache.base import Cache
 from proxy.runtime import RUNTIME
 
 KEY_PREFIX_CHARS = 12
@@ -57,17 +59,14 @@ async def status_endpoint(request: web.Request) -> web.Response:
         "pumps": len(rt.pumps),
         "tasks": len(asyncio.all_tasks()),
         "cache": _cache_stats(rt.cache),
+        "targets": targets_status(rt),
+        "retries_in_flight": rt.retries.budget.in_flight,
     }
     return web.Response(
         body=orjson.dumps(body, default=str), headers={"Content-Type": "application/json"}
     )
 
 
-def _cache_stats(cache: object) -> dict[str, Any] | None:
-    stats_of = getattr(cache, "stats", None)
-    if not callable(stats_of):
-        return None
-    stats = stats_of()
-    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        return dataclasses.asdict(stats)
-    return None
+def _cache_stats(cache: Cache) -> dict[str, Any] | None:
+    stats = cache.stats()
+    return None if stats is None else dataclasses.asdict(stats)

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 
 from proxy.errors import ProxyError
 from proxy.policy import StreamSettings
+from proxy.retry import Attempt
 from proxy.sse import chunk_frame
 
 
@@ -74,10 +75,16 @@ State = Literal["pending", "open", "done"]
 
 @dataclass(eq=False)
 class Stream:
-    """One in-flight upstream response for one key. Owned by its pump task."""
+    """One in-flight upstream response for one key.
+
+    The stream owns its upstream call (the `pump` task, set by the runtime
+    when it starts it) and its readers; what happens when the last reader
+    leaves is fixed at construction (`cancel_on_abandon`).
+    """
 
     key: str
     settings: StreamSettings
+    cancel_on_abandon: bool
     head: asyncio.Future[Head] = field(init=False)
     finished: asyncio.Future[None] = field(init=False)
     events: list[LogEvent] = field(default_factory=list)
@@ -86,11 +93,12 @@ class Stream:
     error: ProxyError | None = None  # set when the stream ended abnormally
     complete: bool = False  # a whole, cacheable answer arrived
     readers: int = 0  # attached readers; the last one leaving may cancel
-    cancel_on_abandon: bool = False
+    abandoned: bool = False  # every reader left and the policy cancelled the call
     assembled: bytes | None = None  # the non-stream JSON, built once at the end
-    pump: asyncio.Task[None] | None = None
+    pump: asyncio.Task[None] | None = None  # set once, by the runtime that owns the task
     created_at: float = 0.0
     first_event_at: float | None = None  # perf_counter at the first append, for TTFB
+    attempts: list[Attempt] = field(default_factory=list)  # the pump's tries, before the head
     _push: set[PushReader] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -149,6 +157,15 @@ class Stream:
                 self._push.discard(reader)
                 reader.notify()
 
+    def fail(self, error: ProxyError) -> None:
+        """End abnormally: before the head every reader answers `error`;
+        after it, every reader's stream ends with `error` as an SSE event."""
+        if not self.head.done():
+            self.fail_before_head(error)
+        elif self.state != "done":
+            self.append([LogEvent(error.sse_event(), None)])
+            self.end(complete=False, error=error)
+
     def end(self, *, complete: bool, error: ProxyError | None = None) -> None:
         self.complete = complete and error is None
         self.error = error
@@ -168,7 +185,31 @@ class Stream:
     def joinable(self) -> bool:
         """Whether a new follower may attach: the log is under its cap, and the
         stream is live or ended whole (a follower then replays it all)."""
+        if self.abandoned:
+            return False
         return (self.state != "done" or self.complete) and self.size <= self.settings.max_log_bytes
+
+    @property
+    def retired(self) -> bool:
+        """Ended or abandoned: a new stream may take its place in the table."""
+        return self.state == "done" or self.abandoned
+
+    def attach(self) -> None:
+        self.readers += 1
+
+    def detach(self) -> bool:
+        """One reader leaves; True when it was the last and the call is abandoned.
+
+        Abandoning cancels the pump; its owner then ends the stream and
+        unpublishes it. Until then `abandoned` keeps new readers off it.
+        """
+        self.readers -= 1
+        if self.readers or self.state == "done" or not self.cancel_on_abandon:
+            return False
+        self.abandoned = True
+        if self.pump is not None:
+            self.pump.cancel()
+        return True
 
     def subscribe(self, reader: PushReader) -> bool:
         """Join the push set if `reader` has caught up; False means catch up first."""

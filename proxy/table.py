@@ -1,14 +1,14 @@
 """The in-flight table: request key -> live stream, single-flight.
 
-Join-or-lead is one synchronous step (`get` then `publish` with no await
-between them, done by the caller), so two leaders for one key never exist in
-one process. Removal checks identity so a stale cleanup never removes a
-newer stream published under the same key.
+`join_or_publish` is the whole join-or-lead decision in one synchronous step
+(no await inside), so two leaders for one key never exist in one process.
+Removal checks identity so a stale cleanup never removes a newer stream
+published under the same key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from proxy.stream import Stream
 
@@ -17,12 +17,19 @@ class InflightTable:
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
 
-    def get(self, key: str) -> Stream | None:
-        return self._streams.get(key)
+    def join_or_publish(self, key: str, make: Callable[[], Stream]) -> tuple[Stream, bool]:
+        """The stream to read for `key`, and whether it was joined (True) or made.
 
-    def publish(self, stream: Stream) -> None:
-        assert stream.key not in self._streams, "publish without a synchronous get"
-        self._streams[stream.key] = stream
+        A made stream is published unless a live one past its log cap holds
+        the key; that one stays, and the new one runs unpublished.
+        """
+        existing = self._streams.get(key)
+        if existing is not None and existing.joinable:
+            return existing, True
+        stream = make()
+        if existing is None or existing.retired:
+            self._streams[key] = stream
+        return stream, False
 
     def unpublish(self, stream: Stream) -> None:
         if self._streams.get(stream.key) is stream:

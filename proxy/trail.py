@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from proxy.headers import Served
+
 if TYPE_CHECKING:
     from proxy.stream import PushReader, Stream
 
@@ -34,7 +36,7 @@ class Trail:
     def __init__(self) -> None:
         self.request_id: str | None = None
         self.route: int | None = None  # index of the matched policy route
-        self.served: str | None = None  # lead | follow | hit | bypass, when known early
+        self.served: Served | None = None  # set by every path that serves; None: an error first
         self.upstream: int | None = None  # the upstream's status, when one answered
         self.stream: Stream | None = None  # the stream this caller read, if any
         self.reader: PushReader | None = None  # its cursor, for the bytes it was sent

@@ -7,22 +7,38 @@ A connection that failed mid-exchange is closed by aiohttp, never reused.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+    UpstreamTooLong,
+    UpstreamUnavailable,
+)
 from proxy.policy import Upstream
 
 
 class UpstreamPool:
-    """Owns one ClientSession per upstream configuration; closed at shutdown."""
+    """Owns one ClientSession per upstream configuration.
+
+    Keyed by name and the frozen config, so a reload that changes an
+    upstream gets a fresh session while streams on the old one finish. A
+    session the current policy no longer names closes as soon as no call
+    holds it (`retain`); the rest close at shutdown.
+    """
 
     def __init__(self) -> None:
-        # Keyed by name and the frozen config, so a reload that changes an
-        # upstream gets a fresh pool while streams on the old one finish.
         self._sessions: dict[tuple[str, Upstream], aiohttp.ClientSession] = {}
+        # Calls holding each session now (between `lease` entry and exit).
+        self._users: dict[aiohttp.ClientSession, int] = {}
+        # None until the first reload: every configuration is current.
+        self._current: frozenset[tuple[str, Upstream]] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def session(self, name: str, config: Upstream) -> aiohttp.ClientSession:
         session = self._sessions.get((name, config))
@@ -41,11 +57,43 @@ class UpstreamPool:
             self._sessions[(name, config)] = session
         return session
 
+    @contextlib.contextmanager
+    def lease(self, name: str, config: Upstream) -> Iterator[aiohttp.ClientSession]:
+        """The session for one call, held until the call's response is done with."""
+        session = self.session(name, config)
+        self._users[session] = self._users.get(session, 0) + 1
+        try:
+            yield session
+        finally:
+            left = self._users[session] - 1
+            if left:
+                self._users[session] = left
+            else:
+                del self._users[session]
+                if self._current is not None and (name, config) not in self._current:
+                    self._retire((name, config))
+
+    def retain(self, upstreams: Mapping[str, Upstream]) -> None:
+        """After a reload: sessions for configurations no longer named close once unused."""
+        self._current = frozenset(upstreams.items())
+        for key in list(self._sessions):
+            if key not in self._current and self._sessions[key] not in self._users:
+                self._retire(key)
+
+    def _retire(self, key: tuple[str, Upstream]) -> None:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return
+        task = asyncio.create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for session in sessions:
             await session.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def upstream_url(config: Upstream, path: str, query: str) -> str:
@@ -118,13 +166,53 @@ class _IdleWatch:
             self._handle = None
 
 
-async def read_chunks(
-    response: aiohttp.ClientResponse, idle_timeout: float
-) -> AsyncIterator[bytes]:
-    """The response body as it arrives; a gap past `idle_timeout` or a cut is UpstreamBroken."""
+@contextlib.asynccontextmanager
+async def deadline(config: Upstream, started: float | None = None) -> AsyncIterator[None]:
+    """Bound one upstream exchange, request to last byte, by `max_duration`
+    from `started` (the loop's clock; now when None).
+
+    One timer per call, not per read. Past it the work inside is cancelled
+    (whoever holds the response closes it) and UpstreamTooLong is raised.
+    """
+    start = asyncio.get_running_loop().time() if started is None else started
+    timeout = asyncio.timeout_at(start + config.max_duration)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise
+        raise UpstreamTooLong(
+            f"llm-sidecar: the upstream response took longer than {config.max_duration:g}s"
+        ) from exc
+
+
+def check_declared_size(response: aiohttp.ClientResponse, config: Upstream) -> None:
+    """Refuse, before reading any of it, a body declared over `max_response_bytes`."""
+    declared = response.content_length
+    if declared is not None and declared > config.max_response_bytes:
+        raise _too_large(config)
+
+
+def _too_large(config: Upstream) -> UpstreamTooLarge:
+    return UpstreamTooLarge(
+        f"llm-sidecar: the upstream response is over {config.max_response_bytes} bytes"
+    )
+
+
+async def read_chunks(response: aiohttp.ClientResponse, config: Upstream) -> AsyncIterator[bytes]:
+    """The response body as it arrives.
+
+    A gap past `idle_timeout` or a cut is UpstreamBroken; a body past
+    `max_response_bytes` (declared or read) is UpstreamTooLarge, raised
+    before the chunk that would pass it is yielded.
+    """
+    idle_timeout, limit = config.idle_timeout, config.max_response_bytes
+    check_declared_size(response, config)
     content = response.content
     loop = asyncio.get_running_loop()
     watch = _IdleWatch(content, idle_timeout)
+    total = 0
     try:
         while True:
             watch.waiting_since = loop.time()
@@ -141,6 +229,9 @@ async def read_chunks(
             watch.waiting_since = None
             if not chunk:
                 return
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(config)
             yield chunk
     finally:
         watch.stop()

@@ -19,6 +19,7 @@ import pytest
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, wait_idle
 from tests.redis_server import RedisServer
+from tests.stage_recorder import record_stages
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "cache me"}]}
 
@@ -90,7 +91,7 @@ async def test_miss_then_hit_for_stream_and_non_stream(
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == first.choices[0].message.content
     assert all(c.usage is None for c in chunks)
-    assert usage[-1].usage is not None and usage[-1].usage.total_tokens == first.usage.total_tokens  # type: ignore[union-attr]
+    assert usage[-1].usage is not None and usage[-1].usage.total_tokens == first.usage.total_tokens
     await wait_idle(cached_proxy.runtime)
 
 
@@ -122,7 +123,8 @@ async def test_partial_and_error_answers_are_never_cached(
         fake.settings = replace(fake.settings, drop_after=None, error_status=None)
         status, headers, _ = await post(session, url, CHAT)
     assert status == 200 and headers["x-llm-sidecar"] == "lead"
-    assert proxy.runtime.cache.stats().store_ok == 1  # type: ignore[attr-defined]
+    stats = proxy.runtime.cache.stats()
+    assert stats is not None and stats.store_ok == 1
     await wait_idle(proxy.runtime)
 
 
@@ -229,7 +231,7 @@ async def test_hits_do_not_queue_behind_busy_stages(
                 < 2
             ):
                 await asyncio.sleep(0.01)
-        recorder = proxy.runtime.record_stages()
+        recorder = record_stages(proxy.runtime)
         async with asyncio.timeout(30):
             hits = await asyncio.gather(*(post(session, url, CHAT) for _ in range(1000)))
         assert all(status == 200 and h["x-llm-sidecar"] == "hit" for status, h, _ in hits)
@@ -296,7 +298,8 @@ async def test_hung_redis_costs_at_most_the_timeout(
     assert status == 200 and headers["x-llm-sidecar"] == "lead"
     # The lookup timed out (200 ms) and the request went on as a miss.
     assert during < baseline + 0.2 + 0.5
-    assert proxy.runtime.cache.stats().timeouts >= 1  # type: ignore[attr-defined]
+    stats = proxy.runtime.cache.stats()
+    assert stats is not None and stats.timeouts >= 1
 
 
 async def test_no_second_call_while_the_answer_is_being_written(

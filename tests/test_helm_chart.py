@@ -295,7 +295,18 @@ def test_a_password_in_the_redis_url_is_rejected(helm: Helm) -> None:
         "--set",
         "cache.redis.url=redis://:hunter2@redis:6379/0",
     )
-    assert "/cache/redis/url" in stderr
+    # In words: what form is expected and where the password goes, not a regex;
+    # and the password itself is not echoed back.
+    assert "cache.redis.url: no password in the URL" in stderr
+    assert "cache.redis.password.existingSecret" in stderr
+    assert "hunter2" not in stderr and "pattern" not in stderr
+
+
+def test_a_redis_url_of_another_scheme_is_explained(helm: Helm) -> None:
+    stderr = helm.template_error(
+        "--set", "cache.backend=redis", "--set", "cache.redis.url=http://redis:6379"
+    )
+    assert "cache.redis.url: expected redis://host:6379/0" in stderr
 
 
 # ---- the app's contract: policy, ports, probes -----------------------------
@@ -694,3 +705,27 @@ def test_default_values_render_and_validate(helm: Helm) -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     assert one(docs, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_the_standalone_networkpolicy_example_selects_the_proxy_pods(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """docs/kubernetes.md's NetworkPolicy is valid and its selector matches the
+    chart's pods (the docs install with release name llm-sidecar, these tests ci)."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    block = docs.split("**Restrict who can call it.**")[1].split("```yaml\n")[1].split("```")[0]
+    policy = yaml.safe_load(block)
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    selector = dict(policy["spec"]["podSelector"]["matchLabels"])
+    assert selector.pop("app.kubernetes.io/instance") == "llm-sidecar"
+    [(template, _)] = pod_specs(rendered["standalone"])
+    labels = template["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == RELEASE
+    assert selector.items() <= labels.items()
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+
+
+def test_notes_tell_callers_to_pass_a_placeholder_key(helm: Helm, tmp_path: Path) -> None:
+    notes = _render_notes(helm, tmp_path, "-f", str(CHART / "ci/standalone-values.yaml"))
+    assert 'api_key="unused"' in notes  # the SDK refuses to build a client without a key
+    assert "NetworkPolicy" in notes

@@ -32,6 +32,12 @@ def test_histograms_and_counters_read_as_prometheus_client_writes_them() -> None
     metrics.request_done("lead", 499, 400.0, 0.2, 0, 0)
     metrics.upstream_call(0, 200)
     metrics.upstream_call(0, None)
+    metrics.attempt("primary", 503)
+    metrics.attempt("primary", "connect_error")
+    metrics.attempt("primary", 503)
+    metrics.retried()
+    metrics.retry_refused("budget")
+    metrics.ejected("primary")
     got = samples(metrics)
 
     def value(name: str, **labels: str) -> float:
@@ -51,8 +57,16 @@ def test_histograms_and_counters_read_as_prometheus_client_writes_them() -> None
     assert value("llm_sidecar_request_bytes_total", served="lead") == 67
     assert value("llm_sidecar_response_bytes_total", served="lead") == 2783
     assert value("llm_sidecar_upstream_requests_total", route="0", status="error") == 1
-    # Every served value is there from the start, at zero, as bound children were.
+    attempts = "llm_sidecar_upstream_attempts_total"
+    assert value(attempts, target="primary", outcome="503") == 2
+    assert value(attempts, target="primary", outcome="connect_error") == 1
+    assert value("llm_sidecar_upstream_retries_total") == 1
+    assert value("llm_sidecar_upstream_retries_refused_total", reason="budget") == 1
+    assert value("llm_sidecar_upstream_ejections_total", target="primary") == 1
+    # Every served value is there from the start, at zero, as bound children were,
+    # and an unlabelled counter reads 0 before its first increment.
     assert value(f"{duration}_count", served="follow") == 0
+    assert samples(Metrics())[("llm_sidecar_upstream_retries_total", frozenset())] == 0
     for name, labels in got:
         if name.endswith(("_total", "_count")):
             stem = name.removesuffix("_total").removesuffix("_count")
@@ -62,16 +76,7 @@ def test_histograms_and_counters_read_as_prometheus_client_writes_them() -> None
 async def test_a_free_stage_slot_counts_as_a_wait_of_zero() -> None:
     metrics = Metrics()
     limiter = StageLimiter("leader", 1, 4, 5.0)
-    limiter.on_wait = metrics.stage_waited
-
-    class Stages:
-        def all(self) -> tuple[StageLimiter, ...]:
-            return (limiter,)
-
-    class Runtime:
-        stages = Stages()
-
-    metrics._runtime = Runtime()  # type: ignore[assignment]
+    metrics.time_stages([limiter])
     await limiter.acquire("a")  # free
     waiter = asyncio.create_task(limiter.acquire("b"))
     await asyncio.sleep(0)

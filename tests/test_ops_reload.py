@@ -9,10 +9,11 @@ file wins; no request fails along the way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any
 
 import aiohttp
@@ -156,6 +157,16 @@ async def test_twenty_sighups_in_two_seconds(fake: FakeUpstream, tmp_path: Path)
 # -- the watch, in process -------------------------------------------------------------------
 
 
+class _ReadCountingPath(PosixPath):
+    """The policy path, counting reads: the watch reads the file once per poll."""
+
+    reads = 0
+
+    def read_bytes(self) -> bytes:
+        self.reads += 1
+        return super().read_bytes()
+
+
 def _configmap(root: Path, name: str, text: str) -> None:
     """Lay out a file the way a Kubernetes ConfigMap volume does, and swap it."""
     data = root / f"..{name}"
@@ -177,7 +188,8 @@ async def test_the_watch_follows_a_configmap_swap(
     rt = proxy.runtime
     first = yaml.safe_dump(policy_for(fake, {"version": "v1", **watch}))
     _configmap(tmp_path, "2024_01", first)
-    reloader = Reloader(rt, tmp_path / "policy.yaml")
+    path = _ReadCountingPath(tmp_path / "policy.yaml")
+    reloader = Reloader(rt, path)
     task = asyncio.create_task(reloader.run())
     try:
         second = yaml.safe_dump(policy_for(fake, {"version": "v2", **limits(7, "v2"), **watch}))
@@ -197,8 +209,9 @@ async def test_the_watch_follows_a_configmap_swap(
 
         await until(lambda: reloads("failed") == 1, timeout=5)
         assert rt.snapshot.version == "v2"
-        # Ten more intervals pass without another attempt.
-        await asyncio.sleep(0.2)
+        # Ten more polls of the broken file pass without another attempt.
+        polled = path.reads
+        await until(lambda: path.reads >= polled + 10, timeout=5)
         assert (reloads("ok"), reloads("failed")) == (1, 1)
     finally:
         task.cancel()
@@ -206,7 +219,7 @@ async def test_the_watch_follows_a_configmap_swap(
 
 
 async def test_reload_swaps_the_cache_when_its_settings_change(
-    fake: FakeUpstream, start_proxy: StartProxy
+    fake: FakeUpstream, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     from proxy.policy import parse_policy
     from proxy.reload import apply_policy
@@ -226,12 +239,33 @@ async def test_reload_swaps_the_cache_when_its_settings_change(
         same = parse_policy(yaml.safe_dump(policy), "same.yaml")
         apply_policy(rt, same)
         assert rt.cache is old  # nothing changed: the warm cache stays
+        caplog.set_level(logging.INFO, logger="llm_sidecar.lifecycle")
+        assert not [r for r in caplog.records if r.msg == "reload rebuilt cache"]
         changed = merge(policy, {"cache": {"max_bytes": "1MiB"}})
         apply_policy(rt, parse_policy(yaml.safe_dump(changed), "changed.yaml"))
         assert rt.cache is not old
+        [rebuilt] = [r for r in caplog.records if r.msg == "reload rebuilt cache"]
+        fields = rebuilt.fields  # type: ignore[attr-defined]
+        assert (fields["old"]["max_bytes"], fields["new"]["max_bytes"]) == (256 * 2**20, 2**20)
+        assert fields["new"]["stage"] == {"workers": 32, "max_queue": 1024}
         await until(lambda: not rt.retiring)
         # The new, empty cache misses once, then serves hits again.
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "lead"
         await rt.cache.flush()  # type: ignore[attr-defined]
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
-    assert old.stats().in_lane == 0  # type: ignore[attr-defined]
+    stats = old.stats()
+    assert stats is not None and stats.in_lane == 0
+
+
+def test_cache_settings_in_a_log_line_never_show_a_password() -> None:
+    from proxy.policy import parse_policy
+    from proxy.reload import cache_settings
+
+    policy = {
+        "upstreams": {"a": {"base_url": "http://x/v1"}},
+        "cache": {"backend": "redis", "url": "redis://app:s3cret@redis:6379/0"},
+        "routes": [{"match": {"path": "/v1/*"}, "upstream": "a"}],
+    }
+    settings = cache_settings(parse_policy(yaml.safe_dump(policy), "p.yaml").policy)
+    assert settings["url"] == "redis://app:***@redis:6379/0"
+    assert "s3cret" not in repr(settings)

@@ -25,7 +25,7 @@ EXPECTED = [
 
 def _decode(parts: list[bytes]) -> list[tuple[bytes, str | None, bytes]]:
     decoder = SSEDecoder()
-    out = []
+    out: list[tuple[bytes, str | None, bytes]] = []
     for part in parts:
         out.extend((e.raw, e.event, e.data) for e in decoder.feed(part))
     assert decoder.pending == b""

@@ -15,7 +15,8 @@ import orjson
 
 from proxy.limiter import StageEvent
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import Hook, StartProxy, post, wait_idle
+from tests.conftest import Hook, StartProxy, post, until, wait_idle
+from tests.stage_recorder import record_stages
 
 
 def _policy(
@@ -52,39 +53,48 @@ def _first(events: list[StageEvent], holder: str, stage: str, kind: str) -> floa
 async def test_seed_scenario_third_request_prepares_after_one_second_not_six(
     fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
 ) -> None:
-    hook.delay = 1.0
-    fake.settings = replace(fake.settings, tokens=10, token_delay=0.5)  # ~5 s streams
+    # The seed scenario (hook 1 s, streams ~5 s, two leader slots) driven by
+    # gates instead of the clock: the hook and the streams wait for the test.
+    hook.gate = asyncio.Event()
+    fake.settings = replace(fake.settings, tokens=10)
+    fake.hold_after = 1  # every stream stays open until the test releases it
     proxy = await start_proxy(
         _policy(hook, {"max_concurrency": 2, "max_queue": 8, "queue_timeout": "30s"})
     )
-    recorder = proxy.runtime.record_stages()
+    rt = proxy.runtime
+    recorder = record_stages(rt)
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
-        tasks = []
-        for n in range(3):
-            body = _chat(n)
-            tasks.append(
-                asyncio.create_task(post(session, url, body, **{"X-Request-Id": f"req-{n}"}))
-            )
+        tasks = [
+            asyncio.create_task(post(session, url, _chat(n), **{"X-Request-Id": f"req-{n}"}))
+            for n in range(3)
+        ]
+        # Two requests prepare (in their hooks), the third queues for a slot.
+        await until(lambda: (rt.stages.leader.stats().in_use, hook.calls) == (2, 2))
+        await until(lambda: rt.stages.leader.stats().queued == 1)
+        hook.gate.set()
+        # The first two streams are running (held) and the third request has
+        # been prepared and is streaming too: it did not wait for them.
+        await until(lambda: rt.stages.upstream.stats().in_use == 3)
+        events = list(recorder.events)
+        fake.release.set()
         async with asyncio.timeout(30):
             results = await asyncio.gather(*tasks)
     assert [status for status, _, _ in results] == [200, 200, 200]
-    events = recorder.events
+    assert not [e for e in events if e.stage == "upstream" and e.kind == "release"]
     leaders = sorted(
         (f"req-{n}" for n in range(3)), key=lambda h: _first(events, h, "leader", "acquire")
     )
     first, second, third = leaders
-    start = _first(events, first, "leader", "acquire")
     third_prepares = _first(events, third, "leader", "acquire")
-    # The third request was prepared as soon as a leader slot was released
-    # (after ~1 s of hook), while both earlier streams were still running.
-    assert (
-        third_prepares >= _first(events, first, "leader", "release") - 1e-6
-        or third_prepares >= _first(events, second, "leader", "release") - 1e-6
+    # The third request was prepared as soon as a leader slot was released,
+    # while both earlier streams were still running.
+    assert third_prepares >= min(
+        _first(events, first, "leader", "release"), _first(events, second, "leader", "release")
     )
+    events = recorder.events
     assert third_prepares < _first(events, first, "upstream", "release")
     assert third_prepares < _first(events, second, "upstream", "release")
-    assert 0.8 <= third_prepares - start < 3.0
     # Invariant 2: each leader slot is released before that request asks for upstream.
     for holder in leaders:
         assert _first(events, holder, "leader", "release") <= _first(
@@ -117,6 +127,7 @@ async def test_queue_overflow_answers_exactly_the_excess_with_429(
     assert all(r[0] == 200 for r in results if r[0] != 429)
     for _, headers, body in rejected:
         assert int(headers["Retry-After"]) >= 1
+        assert headers["x-llm-sidecar"] == "error"  # not "lead": the proxy answered itself
         assert orjson.loads(body)["error"]["code"] == "proxy_queue_full"
     await wait_idle(proxy.runtime)
 
@@ -139,6 +150,7 @@ async def test_queue_timeout_answers_503(
         assert (await held)[0] == 200
     assert status == 503
     assert "Retry-After" in headers
+    assert headers["x-llm-sidecar"] == "error"
     error = orjson.loads(body)["error"]
     assert error["code"] == "proxy_queue_timeout" and set(error) == {
         "message",

@@ -11,6 +11,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.cache.breaker import BreakerState
+
 
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
@@ -25,6 +27,27 @@ class CachedAnswer:
     stored_at: float  # wall-clock seconds, for the Age header
 
 
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    hits: int
+    misses: int  # every lookup that did not hit, whatever the reason below
+    errors: int  # the backend raised
+    timeouts: int  # the deadline passed (in the queue or in the backend call)
+    corrupt: int  # a record that did not decode (deleted)
+    lane_full: int  # refused at admission: workers + max_queue already in the lane
+    breaker_skipped: int  # lookups not attempted because the breaker was open
+    store_ok: int
+    store_errors: int  # writes that raised or timed out
+    store_dropped: int  # writes not attempted: write bound reached or breaker open
+    breaker_opened: int  # times the breaker opened
+    breaker_state: BreakerState
+    in_lane: int  # lookups admitted and not yet finished (queued or in a worker)
+    writes_pending: int
+    local_hits: int  # hits answered by the local tier, without a backend round trip
+    local_bytes: int  # what the local tier holds now (0 without one)
+    hit_ratio: float  # hits / lookups so far (0.0 before any)
+
+
 class Cache(Protocol):
     async def lookup(self, key: str) -> CachedAnswer | None: ...
 
@@ -36,6 +59,10 @@ class Cache(Protocol):
         """
         ...
 
+    def stats(self) -> CacheStats | None:
+        """Counters for `/status` and `/metrics`; None when the cache keeps none."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -44,6 +71,9 @@ class NullCache:
         return None
 
     def store(self, key: str, answer: CachedAnswer, ttl: float) -> asyncio.Future[None] | None:
+        return None
+
+    def stats(self) -> CacheStats | None:
         return None
 
     async def close(self) -> None:

@@ -2,19 +2,39 @@
 
 Nothing here connects anywhere: a Redis that is down at start-up costs
 misses, not the start-up. What can be wrong in the configuration itself (a
-password variable that is not set, a malformed URL) fails here, as a
-PolicyError.
+password variable that is not set, a malformed URL) is found by
+`cache_problems`, which `compile_policy` runs too, so `llm-sidecar check`
+fails exactly where `serve` would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from redis.asyncio.connection import parse_url
+
 from proxy.cache.breaker import CircuitBreaker
 from proxy.cache.lane import Backend, CacheLane
 from proxy.cache.memory import MemoryBackend
 from proxy.cache.redis import RedisBackend
 from proxy.policy import Policy, PolicyError
+
+
+def cache_problems(policy: Policy, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """What keeps the policy's cache from being built: (path, reason) pairs."""
+    config = policy.cache
+    if config.backend != "redis":
+        return []
+    problems = []
+    if config.password_env is not None and not environ.get(config.password_env):
+        problems.append(
+            ("cache.password_env", f"environment variable {config.password_env} is not set")
+        )
+    try:
+        parse_url(config.url)
+    except ValueError as exc:  # redis-py's message names the schemes, never the credentials
+        problems.append(("cache.url", str(exc)))
+    return problems
 
 
 def build_cache(
@@ -26,21 +46,13 @@ def build_cache(
     if config.backend == "memory":
         backend = MemoryBackend(config.max_bytes)
     else:
-        password = None
-        if config.password_env is not None:
-            password = environ.get(config.password_env)
-            if not password:
-                raise PolicyError(
-                    source,
-                    "cache.password_env",
-                    f"environment variable {config.password_env} is not set",
-                )
-        try:
-            backend = RedisBackend(
-                config.url, password=password, timeout=config.timeout, key_prefix=config.key_prefix
-            )
-        except ValueError as exc:  # a malformed URL; redis-py's message omits credentials
-            raise PolicyError(source, "cache.url", str(exc)) from exc
+        problems = cache_problems(policy, environ)
+        if problems:
+            raise PolicyError.of(source, problems)
+        password = environ.get(config.password_env) if config.password_env else None
+        backend = RedisBackend(
+            config.url, password=password, timeout=config.timeout, key_prefix=config.key_prefix
+        )
     local = None
     if config.backend == "redis" and config.local_tier is not None:
         local = MemoryBackend(config.local_tier.max_bytes)

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from proxy.cache import codec
-from proxy.cache.base import CachedAnswer
-from proxy.cache.breaker import BreakerState, CircuitBreaker
+from proxy.cache.base import CachedAnswer, CacheStats
+from proxy.cache.breaker import CircuitBreaker
 from proxy.cache.memory import MemoryBackend
 
 
@@ -67,27 +67,6 @@ class TtlBackend(Protocol):
     """A backend that tells how long an entry has left (for the local tier)."""
 
     async def get_with_ttl(self, key: str) -> tuple[CachedAnswer | codec.Corrupt | None, float]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    hits: int
-    misses: int  # every lookup that did not hit, whatever the reason below
-    errors: int  # the backend raised
-    timeouts: int  # the deadline passed (in the queue or in the backend call)
-    corrupt: int  # a record that did not decode (deleted)
-    lane_full: int  # refused at admission: workers + max_queue already in the lane
-    breaker_skipped: int  # lookups not attempted because the breaker was open
-    store_ok: int
-    store_errors: int  # writes that raised or timed out
-    store_dropped: int  # writes not attempted: write bound reached or breaker open
-    breaker_opened: int  # times the breaker opened
-    breaker_state: BreakerState
-    in_lane: int  # lookups admitted and not yet finished (queued or in a worker)
-    writes_pending: int
-    local_hits: int  # hits answered by the local tier, without a backend round trip
-    local_bytes: int  # what the local tier holds now (0 without one)
-    hit_ratio: float  # hits / lookups so far (0.0 before any)
 
 
 class _Outcome(enum.Enum):

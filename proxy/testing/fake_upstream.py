@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -61,6 +61,11 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
 }
 
 
+def header_knobs() -> dict[str, str]:
+    """Each `x-fake-*` request header and the `FakeSettings` field it overrides."""
+    return {header: name for header, (name, _) in _HEADER_FIELDS.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
     method: str
@@ -76,7 +81,9 @@ def _canonical_raw(raw: bytes) -> bytes:
         return raw  # not a JSON object: counted by its exact bytes
 
 
-def _error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def _error_response(
+    status: int, message: str, code: str | None = None, settings: FakeSettings | None = None
+) -> web.Response:
     kind = "requests" if status == 429 else "server_error" if status >= 500 else None
     if status == 429:
         code = code or "rate_limit_exceeded"
@@ -92,6 +99,10 @@ def _error_response(status: int, message: str, code: str | None = None) -> web.R
     if status == 429:
         headers["Retry-After"] = "1"
         headers["x-ratelimit-remaining-requests"] = "0"
+    if settings is not None and settings.retry_after is not None:
+        headers["Retry-After"] = settings.retry_after
+    if settings is not None and settings.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(settings.retry_after_ms)
     return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
@@ -114,6 +125,7 @@ class FakeUpstream:
         self.calls_by_path: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
+        self.errors_sent = 0  # error_status answers, counted for error_times
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -145,6 +157,7 @@ class FakeUpstream:
         self.calls.clear()
         self.calls_by_path.clear()
         self.requests.clear()
+        self.errors_sent = 0
         self.disconnects = 0
 
     # -- lifetime
@@ -255,10 +268,12 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
-        if settings.error_status is not None:
+        times = settings.error_times
+        if settings.error_status is not None and (times is None or self.errors_sent < times):
+            self.errors_sent += 1  # counted before any wait, so concurrent calls see it
             await self._hold_whole()
             status = settings.error_status
-            return _error_response(status, f"The fake upstream answers {status}.")
+            return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
 
     def _get(self, request: web.Request) -> web.Response:
@@ -357,6 +372,8 @@ class FakeUpstream:
         drop = settings.drop_after
         try:
             await response.prepare(request)
+            if settings.endless is not None:
+                await self._endless(response, settings, events)
             for number, event in enumerate(events if drop is None else events[:drop]):
                 delay = settings.ttft if number == 0 else settings.token_delay
                 if delay > 0:
@@ -371,6 +388,24 @@ class FakeUpstream:
             self.disconnects += 1
         return response
 
+    async def _endless(
+        self, response: web.StreamResponse, settings: FakeSettings, events: list[bytes]
+    ) -> NoReturn:
+        """The first events, then a content event (or one line) forever;
+        `hold_after` counts its writes as events."""
+        if settings.endless == "line":
+            head, piece = b"data: ", b"x" * 65536
+        else:
+            head, piece = b"".join(events[:2]), events[1]
+        await self._hold(0)
+        await response.write(head)
+        for number in itertools.count(1):
+            # sleep(0) still yields: a test's proxy shares this loop.
+            await asyncio.sleep(settings.token_delay)
+            await self._hold(number)
+            await response.write(piece)
+        raise AssertionError("unreachable")
+
     async def _whole(
         self, request: web.Request, settings: FakeSettings, events: int, payload: JSON
     ) -> web.StreamResponse:
@@ -379,9 +414,21 @@ class FakeUpstream:
         if delay > 0:
             await asyncio.sleep(delay)
         await self._hold_whole()
+        if settings.endless is not None:
+            await _endless_body(request, settings)
         if settings.drop_after is not None:
             _abort(request)
         return _json(request, payload)
+
+
+async def _endless_body(request: web.Request, settings: FakeSettings) -> NoReturn:
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"object": "list", "data": [')
+    piece = b"0, " * 16384
+    while True:
+        await asyncio.sleep(settings.token_delay)
+        await response.write(piece)
 
 
 def _abort(request: web.Request) -> None:

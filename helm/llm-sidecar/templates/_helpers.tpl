@@ -96,6 +96,11 @@ shutdown) come from the values; secrets appear only as env var names.
     "first_byte_timeout" $v.upstream.firstByteTimeout
     "idle_timeout" $v.upstream.idleTimeout
     "max_connections" $v.upstream.maxConnections }}
+{{- range $key, $value := dict "max_response_bytes" $v.upstream.maxResponseBytes "max_event_bytes" $v.upstream.maxEventBytes "max_duration" $v.upstream.maxDuration }}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $upstream $key $value }}
+{{- end }}
+{{- end }}
 {{- if include "llm-sidecar.hasApiKey" . }}
 {{- $_ := set $upstream "api_key_env" $v.upstream.apiKey.envVar }}
 {{- end }}
@@ -304,6 +309,14 @@ volumes:
 {{- $v := .Values }}
 {{- if and $v.upstream.apiKey.existingSecret $v.upstream.apiKey.value }}
 {{- fail "upstream.apiKey: set existingSecret or value, not both" }}
+{{- end }}
+{{- with $v.cache.redis.url }}
+{{- if not (regexMatch "^(rediss?|unix)://" .) }}
+{{- fail "cache.redis.url: expected redis://host:6379/0 (rediss:// for TLS, unix:///path/to/socket)" }}
+{{- end }}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" . }}
+{{- fail "cache.redis.url: no password in the URL (it would land in the ConfigMap). Write redis://host:6379/0 (or redis://USER@host:6379/0 for an ACL user) and put the password in cache.redis.password.existingSecret (a Secret you manage) or cache.redis.password.value (the chart creates the Secret)" }}
+{{- end }}
 {{- end }}
 {{- if eq $v.cache.backend "redis" }}
 {{- if not $v.cache.redis.url }}

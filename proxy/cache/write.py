@@ -1,0 +1,44 @@
+"""The cache write: a complete answer handed to the cache when its stream ends.
+
+Runs at the end of the pump task, after the upstream slot is released. The
+stream stays published (and joinable, being complete) until the write lands,
+so an identical request arriving in between follows it instead of calling
+the upstream again. Nothing partial is ever written: only a stream that
+ended complete, on a route with a cache, for a caller that allows writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proxy.cache.base import Cache, CachedAnswer
+from proxy.intake import Intake
+from proxy.stream import Stream
+
+
+def answer_of(stream: Stream) -> CachedAnswer:
+    head = stream.head.result()
+    usage = next((i for i, e in enumerate(stream.events) if e.usage_only), None)
+    return CachedAnswer(
+        status=head.status,
+        content_type=head.headers.get("Content-Type", "application/json"),
+        is_sse=head.is_sse,
+        events=tuple(e.raw for e in stream.events),
+        usage_event=usage,
+        body=stream.assembled,
+        stored_at=time.time(),
+    )
+
+
+async def write_answer(cache: Cache, stream: Stream, intake: Intake) -> None:
+    """Hand a complete answer to the cache; return once the write landed."""
+    config = intake.route.config.cache
+    if not (stream.complete and intake.cache_write):
+        return
+    if config is None or config.ttl <= 0:
+        return
+    pending = cache.store(intake.key, answer_of(stream), config.ttl)
+    if pending is not None:
+        # wait, not await: a cancelled pump must not cancel the cache's write.
+        await asyncio.wait((pending,))
