@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.policy_messages import PathError, problems_of
+from proxy.policy_messages import Loc, PathError, problems_of
 from proxy.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -101,15 +101,29 @@ class LocalTier(_Model):
     max_bytes: Size = 64 * 1024 * 1024
 
 
+RedisMode = Literal["single", "cluster"]
+
+
 class Cache(_Model):
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
+    # "cluster": `url` names any one node of a Redis Cluster (redis-py's cluster client).
+    mode: RedisMode = "single"
     password_env: str | None = None
     max_bytes: Size = 256 * 1024 * 1024
     timeout: Duration = 0.2
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
     local_tier: LocalTier | None = LocalTier()  # redis only; null turns it off
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        # Names carry the request key as a Redis Cluster hash tag; a brace in
+        # the prefix would become the tag, putting every key in one slot.
+        if "{" in value or "}" in value:
+            raise ValueError("key_prefix cannot contain { or }")
+        return value
 
 
 class StreamSettings(_Model):
@@ -250,6 +264,59 @@ class Route(_Model):
         return () if self.upstream is None else (Target(upstream=self.upstream),)
 
 
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class ClusterSettings(_Model):
+    """Cross-replica coalescing: one upstream call per key across every sidecar.
+
+    `url: null` means the cache's Redis: its url, password_env and mode all
+    apply, so `password_env` and `mode` here belong to an own `url` only.
+    """
+
+    coalesce_across_replicas: bool = False
+    url: str | None = None
+    password_env: str | None = None
+    mode: RedisMode = "single"
+    lease: PositiveDuration = 5.0
+    stream_ttl: PositiveDuration = 30.0
+    max_stream_bytes: Annotated[Size, Field(gt=0)] = StreamSettings().max_log_bytes
+    timeout: PositiveDuration = 0.2
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        return value
+
+
+def _cluster_problems(cluster: ClusterSettings, cache: Cache) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    if cluster.url is None:
+        # Silently ignoring these would leave a user believing they apply.
+        for field in ("password_env", "mode"):
+            if field in cluster.model_fields_set:
+                problems.append(
+                    (
+                        ("cluster", field),
+                        f"applies to cluster.url only; without it the cache's Redis "
+                        f"is used (set cache.{field} instead)",
+                    )
+                )
+        if cluster.coalesce_across_replicas and cache.backend != "redis":
+            problems.append(
+                (
+                    ("cluster", "coalesce_across_replicas"),
+                    "needs a Redis: set cluster.url, or cache.backend: redis to share the cache's",
+                )
+            )
+    if cluster.timeout >= cluster.lease:
+        # The owner renews every lease/3; a call slower than the lease cannot keep it.
+        problems.append((("cluster", "timeout"), "must be shorter than cluster.lease"))
+    return problems
+
+
 class Policy(_Model):
     version: str | None = None
     listen: Listen = Listen()
@@ -259,6 +326,7 @@ class Policy(_Model):
     stages: Stages = Stages()
     stream: StreamSettings = StreamSettings()
     cache: Cache = Cache()
+    cluster: ClusterSettings = ClusterSettings()
     reload: Reload = Reload()
     shutdown: Shutdown = Shutdown()
     routes: tuple[Route, ...] = Field(min_length=1)
@@ -284,6 +352,7 @@ class Policy(_Model):
                     'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
                 )
             )
+        problems.extend(_cluster_problems(self.cluster, self.cache))
         if problems:
             raise PathError(problems)
         return self
