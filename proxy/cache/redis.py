@@ -69,8 +69,9 @@ class RedisBackend:
         """The answer and the seconds it has left, in one round trip (GET and PTTL pipelined).
 
         What the in-process tier needs to keep a copy no longer than Redis does.
+        Both commands name one key, so on a cluster they go to one master.
         """
-        name = self._prefix + key
+        name = self.entry_name(key)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.get(name)
