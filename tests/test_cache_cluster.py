@@ -153,7 +153,9 @@ async def test_killed_node_costs_misses_never_failures(
     fake: FakeUpstream, start_proxy: StartProxy, redis_cluster: RedisClusterNodes
 ) -> None:
     prompts = 30
-    proxy = await start_proxy(_policy(redis_cluster))
+    # Without the local tier, which would answer every repeat from this
+    # sidecar's own memory: what is measured is a read that reaches the cluster.
+    proxy = await start_proxy(_policy(redis_cluster, local_tier=None))
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session, asyncio.timeout(60):
         before = [await post(session, url, _chat(n)) for n in range(prompts)]
