@@ -49,6 +49,20 @@ class BadRequest(ProxyError):
     code = "invalid_request"
 
 
+class BadPath(BadRequest):
+    """A path that is malformed or leaves its prefix: refused, never forwarded."""
+
+    code = "invalid_path"
+
+
+class RequestTimeout(ProxyError):
+    """The caller stopped sending its body; the SDKs retry a 408."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

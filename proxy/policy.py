@@ -8,12 +8,14 @@ reason, so `llm-sidecar check` and a rejected SIGHUP say the same thing.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -45,6 +47,19 @@ class Listen(_Model):
 
 class Limits(_Model):
     max_body_bytes: Size = 10 * 1024 * 1024
+    # A caller's request head must be complete this long after its first byte.
+    header_timeout: Duration = Field(10.0, gt=0)
+    # The whole request body must arrive this long after its head (408 otherwise).
+    body_timeout: Duration = Field(60.0, gt=0)
+    # An idle keep-alive connection is closed after this.
+    idle_timeout: Duration = Field(75.0, gt=0)
+
+
+class Admin(_Model):
+    """A separate listener for /status, /metrics, /healthz and /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
 
 
 class Upstream(_Model):
@@ -111,6 +126,8 @@ class Cache(_Model):
     mode: RedisMode = "single"
     password_env: str | None = None
     max_bytes: Size = 256 * 1024 * 1024
+    # Larger answers are served but not stored (and counted), in every backend.
+    max_entry_bytes: Size = 16 * 1024 * 1024
     timeout: Duration = 0.2
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
@@ -160,6 +177,20 @@ class Match(_Model):
         if not value.startswith(("/", "*")):
             raise ValueError("path must start with / (globs: * matches any characters)")
         return value
+
+
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a header name")
+    return value.lower()
+
+
+# Checked per item, so every bad name in a list is reported at its own path.
+HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
 class RouteCache(_Model):
@@ -252,6 +283,8 @@ class Route(_Model):
     share_across_tenants: bool = False
     tenant_header: str | None = None
     ignore_fields: tuple[str, ...] = ("stream", "stream_options", "user")
+    # Request headers whose values are part of the key (e.g. OpenAI-Organization).
+    vary_headers: tuple[HeaderName, ...] = ()
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
@@ -320,6 +353,7 @@ def _cluster_problems(cluster: ClusterSettings, cache: Cache) -> list[tuple[Loc,
 class Policy(_Model):
     version: str | None = None
     listen: Listen = Listen()
+    admin: Admin | None = None
     limits: Limits = Limits()
     log: Log = Log()
     upstreams: dict[str, Upstream] = Field(min_length=1)
@@ -333,7 +367,7 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Policy:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+        problems = self._admin_problems()
         for index, route in enumerate(self.routes):
             if route.upstream is not None and route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
@@ -356,6 +390,17 @@ class Policy(_Model):
         if problems:
             raise PathError(problems)
         return self
+
+    def _admin_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        admin, listen = self.admin, self.listen
+        if admin is None or admin.port == 0 or admin.port != listen.port:
+            return []
+        # One port on the same address (or a wildcard, which takes every
+        # address): `serve` would fail to bind, so `check` fails here.
+        if admin.host == listen.host or {admin.host, listen.host} & _WILDCARD_HOSTS:
+            reason = f"port {admin.port} is the API's own (listen.port): pick another"
+            return [(("admin", "port"), reason)]
+        return []
 
     def _target_problems(self, index: int, route: Route) -> list[tuple[tuple[str | int, ...], str]]:
         problems: list[tuple[tuple[str | int, ...], str]] = []

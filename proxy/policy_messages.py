@@ -34,6 +34,7 @@ _LIST_OF: dict[str, tuple[str, str]] = {
     "methods": ("HTTP methods", "POST"),
     "ignore_fields": ("body field names", "stream, user"),
     "remove": ("header names", "X-Debug"),
+    "vary_headers": ("header names", "OpenAI-Organization"),
     "prepare": ("prepare steps", "{step: model_alias, aliases: {gpt-4: gpt-4o}}"),
     "routes": ("routes", '{match: {path: "/v1/*"}, upstream: openai}'),
 }

@@ -23,7 +23,8 @@ from aiohttp.http_writer import StreamWriter
 from proxy.backpressure import drain_within, write_deadline
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
 from proxy.headers import SERVED_BY, Served, downstream_response_headers
-from proxy.policy import StreamSettings
+from proxy.intake import body_chunks
+from proxy.policy import Limits, StreamSettings
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
@@ -41,25 +42,26 @@ def _too_large(limit: int) -> str:
 
 
 class _LimitedBody:
-    """The caller's body streamed upstream as it arrives, cut past `limit`.
+    """The caller's body streamed upstream as it arrives, under the intake's
+    limits (size, time, framing).
 
     aiohttp reports an exception raised while uploading as a connection
-    error; `exceeded` lets the relay answer 413 instead of 502.
+    error; `failure` lets the relay answer the caller's fault (413, 408,
+    400) instead of 502.
     """
 
-    def __init__(self, request: web.Request, limit: int) -> None:
+    def __init__(self, request: web.Request, limits: Limits) -> None:
         self._request = request
-        self._limit = limit
-        self.exceeded = False
+        self._limits = limits
+        self.failure: ProxyError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        total = 0
-        async for chunk in self._request.content.iter_any():
-            total += len(chunk)
-            if total > self._limit:
-                self.exceeded = True
-                raise BodyTooLarge(_too_large(self._limit))
-            yield chunk
+        try:
+            async for chunk in body_chunks(self._request, self._limits):
+                yield chunk
+        except ProxyError as exc:
+            self.failure = exc
+            raise
 
 
 async def relay(
@@ -67,13 +69,13 @@ async def relay(
     route: CompiledRoute,
     request_id: str,
     rt: Runtime,
-    limit: int,
+    limits: Limits,
     settings: StreamSettings,
 ) -> web.StreamResponse:
     # The session is held until the response is relayed: a reload that
     # replaces the upstream closes it only after.
     with rt.pool.lease(route.upstream_name, route.upstream) as session:
-        return await _relay(request, route, request_id, rt, limit, settings, session)
+        return await _relay(request, route, request_id, rt, limits, settings, session)
 
 
 async def _relay(
@@ -81,11 +83,12 @@ async def _relay(
     route: CompiledRoute,
     request_id: str,
     rt: Runtime,
-    limit: int,
+    limits: Limits,
     settings: StreamSettings,
     session: aiohttp.ClientSession,
 ) -> web.StreamResponse:
     config = route.upstream
+    limit = limits.max_body_bytes
     started = asyncio.get_running_loop().time()
     headers = route.upstream_headers(request.headers, request_id)
     body: _LimitedBody | None = None
@@ -94,10 +97,14 @@ async def _relay(
         if length is not None:
             if length > limit:
                 raise BodyTooLarge(_too_large(limit))
-            # Known length: the upstream gets it too, rather than a chunked upload.
-            headers["Content-Length"] = str(length)
-        body = _LimitedBody(request, limit)
-    url = upstream_url(config, request.path, request.query_string)
+            if request.headers.get("Content-Encoding", "identity").lower() == "identity":
+                # Known length: the upstream gets it too, rather than a chunked
+                # upload. (aiohttp decodes a compressed body, whose length is
+                # then another: an upstream told the wire length would wait.)
+                headers["Content-Length"] = str(length)
+        body = _LimitedBody(request, limits)
+    # Confined at intake: canonical, still encoded, and sent exactly so.
+    url = upstream_url(config, request.rel_url.raw_path, request.rel_url.raw_query_string)
     try:
         async with deadline(config, started):
             upstream = await open_upstream(
@@ -105,8 +112,8 @@ async def _relay(
             )
     except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
-        if body is not None and body.exceeded:
-            raise BodyTooLarge(_too_large(limit)) from exc
+        if body is not None and body.failure is not None:
+            raise body.failure from exc
         raise
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)

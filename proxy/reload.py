@@ -92,13 +92,14 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
             old=cache_settings(old),
             new=cache_settings(new),
         )
-    if old.listen != new.listen:
-        logs.event(
-            "reload kept old settings",
-            logging.WARNING,
-            section="listen",
-            reason="takes effect on restart",
-        )
+    for section in ("listen", "admin"):
+        if getattr(old, section) != getattr(new, section):
+            logs.event(
+                "reload kept old settings",
+                logging.WARNING,
+                section=section,
+                reason="takes effect on restart",
+            )
 
 
 def cache_settings(policy: Policy) -> dict[str, Any]:

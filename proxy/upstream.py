@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.errors import (
+    BadPath,
     UpstreamBroken,
     UpstreamTimeout,
     UpstreamTooLarge,
     UpstreamTooLong,
     UpstreamUnavailable,
 )
+from proxy.paths import PathRejected, confine
 from proxy.policy import Upstream
 
 
@@ -96,19 +100,34 @@ class UpstreamPool:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def upstream_url(config: Upstream, path: str, query: str) -> str:
-    """Map `/v1/...` onto the upstream's base URL (which ends in its own /v1)."""
-    base = config.base_url.rstrip("/")
-    tail = path[3:] if path.startswith("/v1/") or path == "/v1" else path
-    url = base + tail
-    return f"{url}?{query}" if query else url
+@functools.lru_cache(maxsize=64)
+def _base(base_url: str) -> str:
+    # Normalised once per configured URL, so the per-request URL can be built
+    # pre-encoded, and sent exactly as built.
+    return str(URL(base_url)).rstrip("/")
+
+
+def upstream_url(config: Upstream, path: str, query: str) -> URL:
+    """Map `/v1/...` onto the upstream's base URL (which ends in its own /v1).
+
+    `path` must be canonical (`proxy.paths`, done at intake) and `query` raw:
+    the URL is built encoded, so no normaliser between here and the socket
+    can resolve what intake did not. The path is checked once more, since it
+    may have come through a prepare step; a refusal is a 400.
+    """
+    try:
+        path = confine(path)
+    except PathRejected as exc:
+        raise BadPath(f"llm-sidecar: the request path is not allowed: {exc}") from exc
+    url = _base(config.base_url) + path[3:]
+    return URL(f"{url}?{query}" if query else url, encoded=True)
 
 
 async def open_upstream(
     session: aiohttp.ClientSession,
     config: Upstream,
     method: str,
-    url: str,
+    url: URL,
     headers: CIMultiDict[str],
     data: bytes | AsyncIterator[bytes] | None,
 ) -> aiohttp.ClientResponse:

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from yarl import URL
 
 from proxy.policy import parse_policy
 from proxy.reload import apply_policy
@@ -357,3 +358,24 @@ async def test_each_attempt_leases_its_targets_session_until_its_response_is_don
     assert counted == [1, 1]
     await until(lambda: answering.closed)
     await wait_idle(rt)
+
+
+async def test_every_target_gets_the_confined_path_and_the_query_as_sent(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """Each attempt's URL is built by `upstream_url`: the canonical path and the
+    caller's query, still encoded, reach the fallback exactly as the primary."""
+    proxy = await start_proxy(two(fake.base_url, backup.base_url), raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    query = "api-version=2024-06-01&q=a%2Fb%20c%3D"
+    # Sent as written: an empty and a dot segment that intake must resolve.
+    url = URL(f"{proxy.base_url}//chat/./completions?{query}", encoded=True)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=chat("both targets")) as response,
+    ):
+        assert (response.status, response.headers[ATTEMPTS]) == (200, "2")
+    expected = f"/v1/chat/completions?{query}"
+    assert [r.target for r in fake.requests] == [expected]
+    assert [r.target for r in backup.requests] == [expected]
+    await wait_idle(proxy.runtime)

@@ -40,6 +40,7 @@ RELEASE = "ci"
 NAMESPACE = "llm"
 PROXY = "llm-sidecar"  # the proxy container's name
 EXPECTED_SCENARIOS = {
+    "admin",
     "standalone",
     "sidecar-native",
     "sidecar-plain",
@@ -272,6 +273,7 @@ def test_objects_validate_against_kubernetes(rendered: dict[str, list[Obj]], sce
 def test_kinds_per_scenario(rendered: dict[str, list[Obj]]) -> None:
     kinds = {s: sorted(d["kind"] for d in docs) for s, docs in rendered.items()}
     assert kinds == {
+        "admin": ["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
         "standalone": sorted(
             ["ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
         ),
@@ -357,7 +359,12 @@ def test_probes_ports_and_policy_mount(rendered: dict[str, list[Obj]], scenario:
         assert option(args, "--host") == "0.0.0.0"
         port = int(option(args, "--port"))
         assert port == policy.listen.port == 8080
-        assert [p["containerPort"] for p in proxy["ports"]] == [port]
+        # With an admin listener the probes go there: the API port answers them 404.
+        admin = policy.admin
+        probed = port if admin is None else admin.port
+        ports = [port] if admin is None else [port, admin.port]
+        assert [p["containerPort"] for p in proxy["ports"]] == ports
+        assert admin is None or admin.host == "0.0.0.0", "the kubelet probes from outside the pod"
         probes = {
             "startupProbe": "/readyz",
             "readinessProbe": "/readyz",
@@ -366,7 +373,7 @@ def test_probes_ports_and_policy_mount(rendered: dict[str, list[Obj]], scenario:
         for probe, path in probes.items():
             get = proxy[probe]["httpGet"]
             assert get["path"] == path, probe
-            assert port_number(proxy, get["port"]) == port, probe
+            assert port_number(proxy, get["port"]) == probed, probe
         # The policy file lives in a directory mount of the ConfigMap, not a
         # subPath (a subPath mount never sees ConfigMap updates).
         policy_path = Path(option(args, "--policy"))
@@ -481,9 +488,27 @@ def test_standalone_service_hpa_and_pdb_select_the_pods(rendered: dict[str, list
 
 def test_service_monitor_only_when_enabled(rendered: dict[str, list[Obj]]) -> None:
     for scenario, docs in rendered.items():
-        assert bool(find(docs, "ServiceMonitor")) == (scenario == "servicemonitor")
+        assert bool(find(docs, "ServiceMonitor")) == (scenario in ("servicemonitor", "admin"))
     monitor = one(rendered["servicemonitor"], "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_admin_listener_takes_metrics_and_probes(
+    helm: Helm, rendered: dict[str, list[Obj]]
+) -> None:
+    docs = rendered["admin"]
+    policy = policy_of(docs)
+    assert policy.admin is not None and policy.admin.port == 9090
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert endpoint["port"] == "admin" and ports["admin"]["port"] == 9090
+    [(_, spec)] = pod_specs(docs)
+    assert port_number(proxy_of(spec), ports["admin"]["targetPort"]) == 9090
+    # Without a ServiceMonitor the admin port stays off the Service.
+    plain = helm.template("--set", "admin.enabled=true")
+    assert [p["name"] for p in one(plain, "Service")["spec"]["ports"]] == ["http"]
+    stderr = helm.template_error("--set", "admin.enabled=true", "--set", "admin.port=8080")
+    assert "admin.port must differ from port" in stderr
 
 
 # ---- secrets ---------------------------------------------------------------

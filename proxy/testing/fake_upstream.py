@@ -72,6 +72,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lowercased names; repeated headers joined with ", "
     body: bytes
+    target: str = ""  # the request-target as it arrived: path and query, still encoded
 
 
 def _canonical_raw(raw: bytes) -> bytes:
@@ -234,7 +235,9 @@ class FakeUpstream:
         for name, value in request.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.requests.append(RecordedRequest(request.method, request.path, headers, raw))
+        self.requests.append(
+            RecordedRequest(request.method, request.path, headers, raw, request.raw_path)
+        )
         post = self._posts.get(request.path) if request.method == "POST" else None
         if post is not None:
             self.calls[_canonical_raw(raw)] += 1

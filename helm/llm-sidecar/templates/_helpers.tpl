@@ -162,6 +162,9 @@ shutdown) come from the values; secrets appear only as env var names.
 {{- end }}
 {{- $_ := set $policy "cluster" $cluster }}
 {{- end }}
+{{- if $v.admin.enabled }}
+{{- $_ := set $policy "admin" (dict "host" "0.0.0.0" "port" $v.admin.port) }}
+{{- end }}
 {{- range $key := list "limits" "stages" "stream" }}
 {{- with index $v.policy $key }}
 {{- $_ := set $policy $key . }}
@@ -217,6 +220,12 @@ ports:
   - name: llm-http
     containerPort: {{ $v.port }}
     protocol: TCP
+  {{- if $v.admin.enabled }}
+  - name: llm-admin
+    containerPort: {{ $v.admin.port }}
+    protocol: TCP
+  {{- end }}
+{{- $probePort := ternary "llm-admin" "llm-http" (and $v.admin.enabled true) }}
 {{- $key := $v.upstream.apiKey }}
 {{- $redis := $v.cache.redis.password }}
 {{- $cluster := $v.cluster.redis.password }}
@@ -263,13 +272,13 @@ env:
   {{- end }}
 {{- end }}
 startupProbe:
-  httpGet: {path: /readyz, port: llm-http}
+  httpGet: {path: /readyz, port: {{ $probePort }}}
   {{- toYaml $v.probes.startup | nindent 2 }}
 readinessProbe:
-  httpGet: {path: /readyz, port: llm-http}
+  httpGet: {path: /readyz, port: {{ $probePort }}}
   {{- toYaml $v.probes.readiness | nindent 2 }}
 livenessProbe:
-  httpGet: {path: /healthz, port: llm-http}
+  httpGet: {path: /healthz, port: {{ $probePort }}}
   {{- toYaml $v.probes.liveness | nindent 2 }}
 lifecycle:
   preStop:
@@ -372,6 +381,9 @@ volumes:
 {{- end }}
 {{- if and $c.redis.password.existingSecret $c.redis.password.value }}
 {{- fail "cluster.redis.password: set existingSecret or value, not both" }}
+{{- end }}
+{{- if and $v.admin.enabled (eq (int $v.admin.port) (int $v.port)) }}
+{{- fail "admin.port must differ from port (the admin listener is a second socket)" }}
 {{- end }}
 {{- $last := last $v.policy.routes }}
 {{- if or (ne $last.match.path "/v1/*") (hasKey $last.match "methods") }}
