@@ -112,7 +112,7 @@ async def call_with_retries(
                         assert error is not None
                         raise error
                     retrying = True
-                    rt.metrics.retries.inc()
+                    rt.metrics.retried()
                     if response is not None:
                         # aiohttp closes it, not pools it, if the body is unread.
                         response.release()
@@ -134,7 +134,7 @@ def _spend(rt: Runtime, route: CompiledRoute) -> bool:
     active = rt.stages.upstream.stats().in_use  # this call's own slot included
     if rt.retries.budget.try_acquire(active, rules.budget_percent, rules.min_retry_concurrency):
         return True
-    rt.metrics.retries_refused.labels("budget").inc()
+    rt.metrics.retry_refused("budget")
     return False
 
 
@@ -172,7 +172,7 @@ def _record(
         max_eject_for=rules.max_eject_for,
     )
     if ejected:
-        rt.metrics.ejections.labels(target.label).inc()
+        rt.metrics.ejected(target.label)
         if log.isEnabledFor(logging.WARNING):
             view = state.outliers.view(target.id, state.clock())
             fields = {"target": target.label, **asdict(view)}
@@ -220,7 +220,7 @@ def _backoff(state: RetryState, route: CompiledRoute, done: int) -> float:
 
 def _refused(rt: Runtime, reason: str) -> None:
     if reason:
-        rt.metrics.retries_refused.labels(reason).inc()
+        rt.metrics.retry_refused(reason)
 
 
 def _pick(state: RetryState, route: CompiledRoute, failed: int | None) -> int:

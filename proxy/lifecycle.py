@@ -179,6 +179,7 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
         if admin_runner is not None:
             await admin_runner.cleanup()
     logs.event("stop")
+    logs.flush()  # the loop ends here: no timer will write what is buffered
 
 
 def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:

@@ -110,6 +110,12 @@ class Breaker(_Model):
     reset_after: Duration = 5.0
 
 
+class LocalTier(_Model):
+    """An in-process copy of recent answers in front of Redis."""
+
+    max_bytes: Size = 64 * 1024 * 1024
+
+
 RedisMode = Literal["single", "cluster"]
 
 
@@ -125,6 +131,7 @@ class Cache(_Model):
     timeout: Duration = 0.2
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
+    local_tier: LocalTier | None = LocalTier()  # redis only; null turns it off
 
     @field_validator("key_prefix")
     @classmethod

@@ -25,7 +25,10 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "cache me"}]}
 
 
 def _policy(
-    backend: str, redis: RedisServer | None = None, only_deterministic: bool = False
+    backend: str,
+    redis: RedisServer | None = None,
+    only_deterministic: bool = False,
+    local_tier: bool = True,
 ) -> dict[str, Any]:
     cache: dict[str, Any] = {
         "backend": backend,
@@ -34,6 +37,9 @@ def _policy(
     }
     if redis is not None:
         cache["url"] = f"redis://127.0.0.1:{redis.port}/0"
+    if not local_tier:
+        # Tests of what Redis itself does: no in-process copy answering instead.
+        cache["local_tier"] = None
     return {
         "cache": cache,
         "routes": [
@@ -242,7 +248,7 @@ def _prompt(text: str) -> dict[str, Any]:
 async def test_redis_outage_fails_no_request(
     fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
 ) -> None:
-    proxy = await start_proxy(_policy("redis", redis_server))
+    proxy = await start_proxy(_policy("redis", redis_server, local_tier=False))
     cache: Any = proxy.runtime.cache
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
@@ -304,7 +310,7 @@ async def test_no_second_call_while_the_answer_is_being_written(
     # Redis writes land after the readers are answered. Hold them back with
     # CLIENT PAUSE (reads still go through): a finished stream must stay
     # joinable until its write lands, so a repeat never calls the upstream.
-    policy = _policy("redis", redis_server)
+    policy = _policy("redis", redis_server, local_tier=False)
     policy["cache"]["timeout"] = "2s"
     proxy = await start_proxy(policy)
     url = f"{proxy.base_url}/chat/completions"
@@ -331,7 +337,7 @@ async def test_redis_down_at_start_up_costs_nothing_but_misses(
     fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
 ) -> None:
     redis_server.kill()  # nothing listens on its port now
-    proxy = await start_proxy(_policy("redis", redis_server))
+    proxy = await start_proxy(_policy("redis", redis_server, local_tier=False))
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{proxy.port}/readyz") as ready:
             assert ready.status == 200
