@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -66,3 +67,8 @@ def test_readme_documents_every_fake_upstream_knob() -> None:
                 assert f"`{flag}" in README, flag
     for header in header_knobs():
         assert f"`{header}`" in README, header
+
+
+def test_every_knob_header_the_readme_names_is_honoured() -> None:
+    named = set(re.findall(r"`(x-fake-[a-z-]+)`", README))
+    assert named and named <= set(header_knobs()), named - set(header_knobs())

@@ -61,7 +61,9 @@ _METAVARS = {
 def _epilog() -> str:
     lines = [
         "Per-request knobs: these request headers override the flags above for one",
-        "request (numbers; the proxy relays them upstream like any other header):",
+        "request (the proxy relays them upstream like any other header);",
+        "x-fake-error-times counts the errors sent to that request's body, so a",
+        "retried request fails its first N tries:",
     ]
     for header, name in header_knobs().items():
         lines.append(f"  {header:<22} {_FLAGS.get(name, '--' + name.replace('_', '-'))}")
