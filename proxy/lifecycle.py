@@ -45,6 +45,14 @@ GRACE = 1.0
 STOP_MESSAGE = "llm-sidecar is shutting down: the drain timeout passed"
 
 
+class ListenError(Exception):
+    """The listening socket could not be opened: the command line says so in one line."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+
 class Lifecycle:
     def __init__(self, app: web.Application, runner: web.AppRunner, policy_path: Path) -> None:
         self._runner = runner
@@ -151,7 +159,11 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     lifecycle = Lifecycle(app, runner, Path(loaded.source))
     # Before the socket opens: a SIGTERM from here on drains instead of killing.
     lifecycle.install_signals()
-    await start_site(app, host, port, runner=runner)
+    try:
+        await start_site(app, host, port, runner=runner)
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(host, port, exc) from exc
     # Everything built so far lives as long as the process: keep it out of
     # the collector's full passes, which otherwise rescan it under load.
     gc.freeze()
