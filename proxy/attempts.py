@@ -162,14 +162,14 @@ def _record(
         if status != 429:  # the upstream pacing us says nothing about its health
             state.outliers.succeeded(target.id)
         return
-    rules = route.retry
+    upstream = target.upstream
     ejected = state.outliers.failed(
         target.id,
-        target.upstream,
+        upstream,
         state.clock(),
-        eject_after=rules.eject_after,
-        eject_for=rules.eject_for,
-        max_eject_for=rules.max_eject_for,
+        eject_after=upstream.eject_after,
+        eject_for=upstream.eject_for,
+        max_eject_for=max(upstream.max_eject_for, upstream.eject_for),
     )
     if ejected:
         rt.metrics.ejections.labels(target.label).inc()

@@ -47,8 +47,8 @@ async def test_primary_down_fallback_answers_then_primary_is_ejected_until_its_c
     backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     primary_url = refused_url()
-    retry = {"eject_after": 2, "eject_for": "30s"}
-    proxy = await start_proxy(two(primary_url, backup.base_url, retry=retry), raw=True)
+    eject = {"eject_after": 2, "eject_for": "30s"}
+    proxy = await start_proxy(two(primary_url, backup.base_url, eject=eject), raw=True)
     rt = proxy.runtime
     clock = hold_clock(rt)
     url = f"{proxy.base_url}/chat/completions"
@@ -102,8 +102,8 @@ async def test_primary_down_fallback_answers_then_primary_is_ejected_until_its_c
 async def test_every_target_ejected_still_tries_the_least_recently_failed(
     fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
-    retry = {"eject_after": 1, "eject_for": "1h"}
-    proxy = await start_proxy(two(fake.base_url, backup.base_url, retry=retry), raw=True)
+    eject = {"eject_after": 1, "eject_for": "1h"}
+    proxy = await start_proxy(two(fake.base_url, backup.base_url, eject=eject), raw=True)
     clock = hold_clock(proxy.runtime)
     fake.settings = replace(fake.settings, error_status=503)
     backup.settings = replace(backup.settings, error_status=503)
@@ -148,8 +148,8 @@ async def test_retry_budget_bounds_retries_into_a_failing_primary(
     fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     stages = {"upstream": {"max_concurrency": 100, "max_queue": 100, "queue_timeout": "30s"}}
-    budget = {"budget_percent": 20, "min_retry_concurrency": 3, "eject_after": 10}
-    policy = two(fake.base_url, backup.base_url, retry=budget)
+    budget = {"budget_percent": 20, "min_retry_concurrency": 3}
+    policy = two(fake.base_url, backup.base_url, eject={"eject_after": 10}, retry=budget)
     proxy = await start_proxy({**policy, "stages": stages}, raw=True)
     fake.settings = replace(fake.settings, error_status=503)
     fake.hold_after = 0  # every failure waits until all 50 calls are in flight
@@ -279,8 +279,10 @@ async def test_fallback_strategy_goes_down_the_list(
         targets = [{"upstream": "a"}, {"upstream": "b"}, {"upstream": "c"}]
         policy = routed(
             {"a": fake.base_url, "b": backup.base_url, "c": third.base_url},
-            {"targets": targets, "retry": {"eject_after": 10}},
+            {"targets": targets},
         )
+        for settings in policy["upstreams"].values():
+            settings["eject_after"] = 10
         proxy = await start_proxy(policy, raw=True)
         fake.settings = replace(fake.settings, error_status=502)
         backup.settings = replace(backup.settings, error_status=500)
@@ -298,8 +300,7 @@ async def test_fallback_strategy_goes_down_the_list(
 async def test_reload_resets_the_ejection_of_targets_that_changed(
     backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
-    retry = {"eject_after": 1, "eject_for": "1h"}
-    policy = two(refused_url(), backup.base_url, retry=retry)
+    policy = two(refused_url(), backup.base_url, eject={"eject_after": 1, "eject_for": "1h"})
     proxy = await start_proxy(policy, raw=True)
     rt = proxy.runtime
     url = f"{proxy.base_url}/chat/completions"

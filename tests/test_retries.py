@@ -43,9 +43,15 @@ def routed(upstreams: dict[str, str], route: dict[str, Any], **top: Any) -> dict
     }
 
 
-def two(primary: str, backup: str, **route: Any) -> dict[str, Any]:
+def two(
+    primary: str, backup: str, eject: dict[str, Any] | None = None, **route: Any
+) -> dict[str, Any]:
+    """A primary and its fallback; `eject` sets both upstreams' ejection thresholds."""
     targets = [{"upstream": "primary"}, {"upstream": "backup"}]
-    return routed({"primary": primary, "backup": backup}, {"targets": targets, **route})
+    policy = routed({"primary": primary, "backup": backup}, {"targets": targets, **route})
+    for settings in policy["upstreams"].values():
+        settings.update(eject or {})
+    return policy
 
 
 def refused_url() -> str:
@@ -338,3 +344,18 @@ async def test_no_retry_once_draining(fake: FakeUpstream, start_proxy: StartProx
         )
         == 1
     )
+
+
+async def test_a_retry_block_without_attempts_retries_a_lone_target_once(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    route = {"match": {"path": "/v1/*"}, "upstream": "fake", "retry": {"backoff": "1ms"}}
+    proxy = await start_proxy({"routes": [route]})
+    # Driven by request headers, as an out-of-process fake would be.
+    knobs = {"x-fake-status": "503", "x-fake-error-times": "1"}
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(
+            session, f"{proxy.base_url}/chat/completions", chat("once more"), **knobs
+        )
+    assert (status, headers[ATTEMPTS], fake.total_calls) == (200, "2", 2)
+    await wait_idle(proxy.runtime)

@@ -104,7 +104,7 @@ def test_statuses_off_the_list_are_final(status: int) -> None:
 
 def test_the_never_list_wins_over_a_compiled_list() -> None:
     # The policy refuses such a list; the decision does not rely on it.
-    compiled = RetryRules(5, frozenset({400, 503}), 0.5, 5.0, 20.0, 3, 5, 30.0, 300.0)
+    compiled = RetryRules(5, frozenset({400, 503}), 0.5, 5.0, 20.0, 3)
     assert decide(400, None, 1, compiled).kind == "stop"
 
 
@@ -123,6 +123,15 @@ def test_a_one_target_route_without_a_retry_block_never_retries() -> None:
     assert one.attempts == 1
     assert decide(503, None, 1, one).kind == "stop"
     assert RetryRules.compile(Retry(), targets=3, queue_timeout=60.0).attempts == 3
+
+
+def test_a_retry_block_without_attempts_retries_at_least_once() -> None:
+    def attempts(targets: int) -> int:
+        return RetryRules.compile(Retry(), targets, 60.0, given=True).attempts
+
+    assert (attempts(1), attempts(2), attempts(3)) == (2, 2, 3)
+    explicit = RetryRules.compile(Retry(attempts=1), 1, 60.0, given=True)
+    assert explicit.attempts == 1  # a count written down wins
 
 
 def test_the_default_longest_wait_stays_under_the_upstream_queue_timeout() -> None:
