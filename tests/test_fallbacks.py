@@ -358,3 +358,21 @@ async def test_each_attempt_leases_its_targets_session_until_its_response_is_don
     assert counted == [1, 1]
     await until(lambda: answering.closed)
     await wait_idle(rt)
+
+
+@pytest.mark.parametrize("cache_fallback", [True, False])
+async def test_cache_fallback_decides_whether_a_fallbacks_answer_is_cached(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy, cache_fallback: bool
+) -> None:
+    policy = two(fake.base_url, backup.base_url, cache={"ttl": "1h"}, cache_fallback=cache_fallback)
+    proxy = await start_proxy(policy, raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        first = await post(session, url, chat("cache me?"))
+        await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        second = await post(session, url, chat("cache me?"))
+    assert (first[0], first[1]["x-llm-sidecar"]) == (200, "lead")
+    assert second[1]["x-llm-sidecar"] == ("hit" if cache_fallback else "lead")
+    assert backup.total_calls == (1 if cache_fallback else 2)
+    await wait_idle(proxy.runtime)
