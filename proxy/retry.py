@@ -32,6 +32,9 @@ DEFAULT_MAX_RETRY_WAIT = 5.0
 # What an attempt ended with, as metrics and logs name it (besides a status).
 CONNECT_ERROR = "connect_error"
 TIMEOUT = "timeout"
+# An answer whose body then failed: no event within idle_timeout, or cut.
+IDLE_TIMEOUT = "idle_timeout"
+BROKEN = "broken"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,9 @@ class Attempt:
 
     target: str  # the target's label
     status: int | None  # None: no response
-    error: str | None  # CONNECT_ERROR or TIMEOUT when there was no response
+    # CONNECT_ERROR or TIMEOUT when there was no response; IDLE_TIMEOUT or
+    # BROKEN when the answer's body failed after its head (never retried).
+    error: str | None
     duration: float  # seconds from sending to the response head (or the failure)
     waited: float  # seconds slept before this attempt (Retry-After or backoff)
 

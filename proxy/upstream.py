@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 
 from proxy.errors import (
     UpstreamBroken,
+    UpstreamIdle,
     UpstreamTimeout,
     UpstreamTooLarge,
     UpstreamTooLong,
@@ -219,7 +220,7 @@ async def read_chunks(response: aiohttp.ClientResponse, config: Upstream) -> Asy
             try:
                 chunk = await content.readany()
             except _Idle as exc:
-                raise UpstreamBroken(
+                raise UpstreamIdle(
                     f"llm-sidecar: the upstream stream was idle for more than {idle_timeout:g}s"
                 ) from exc
             except (aiohttp.ClientError, OSError) as exc:

@@ -359,3 +359,59 @@ async def test_a_retry_block_without_attempts_retries_a_lone_target_once(
         )
     assert (status, headers[ATTEMPTS], fake.total_calls) == (200, "2", 2)
     await wait_idle(proxy.runtime)
+
+
+async def test_the_sdk_does_not_retry_on_top_of_the_proxys_retries(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """With its default max_retries=2, one create() used to make 3 x 3 upstream calls."""
+    retry = {"attempts": 3, "backoff": "10ms"}
+    proxy = await start_proxy(two(fake.base_url, backup.base_url, retry=retry), raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    backup.settings = replace(backup.settings, error_status=500)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a")  # max_retries=2
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(**chat("no storm"))
+    finally:
+        await client.close()
+    response = caught.value.response
+    assert (response.headers[ATTEMPTS], response.headers["x-should-retry"]) == ("3", "false")
+    # Every upstream call is one of the proxy's attempts; the SDK added none.
+    assert fake.total_calls + backup.total_calls == 3
+    await wait_idle(proxy.runtime)
+
+
+async def test_the_sdk_does_not_retry_when_no_target_answered(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(two(refused_url(), refused_url()), raw=True)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a")  # max_retries=2
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(**chat("nobody home"))
+    finally:
+        await client.close()
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    # One create(), one pump: the SDK came back zero times.
+    assert (
+        proxy.runtime.metrics.registry.get_sample_value(
+            "llm_sidecar_requests_total", {"served": "lead", "status": "502"}
+        )
+        == 1
+    )
+    await wait_idle(proxy.runtime)
+
+
+async def test_the_sdk_still_retries_where_the_proxy_did_not(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """A route that never retries (one target, no retry block) leaves retrying to the SDK."""
+    proxy = await start_proxy()
+    # retry-after-ms keeps the SDK's own wait short.
+    fake.settings = replace(fake.settings, error_status=503, error_times=1, retry_after_ms=10)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a", max_retries=1)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(**chat("sdk retries"))
+    finally:
+        await client.close()
+    assert raw.http_response.status_code == 200
+    assert fake.total_calls == 2
