@@ -144,7 +144,7 @@ async def call_with_retries(
                     if isinstance(step, _Step) and step.budgeted and not _spend(rt, route):
                         step = "budget"
                     if isinstance(step, str):
-                        _final(rt, stream, step)
+                        _final(rt, stream, response, step)
                         if response is not None:
                             return Opened(response, target, lease.pop_all())
                         assert error is not None
@@ -173,13 +173,17 @@ def _spend(rt: Runtime, route: CompiledRoute) -> bool:
     return rt.retries.budget.try_acquire(active, rules.budget_percent, rules.min_retry_concurrency)
 
 
-def _final(rt: Runtime, stream: Stream, reason: str) -> None:
-    """The last attempt's outcome stands; `reason`: why a retryable one was not retried."""
-    if not reason:
-        return  # not a retryable outcome: an answer, or the caller's own fault
-    rt.metrics.retries_refused.labels(reason).inc()
+def _final(
+    rt: Runtime, stream: Stream, response: aiohttp.ClientResponse | None, reason: str
+) -> None:
+    """The last attempt's outcome stands; `reason`: why a retryable one was not retried
+    ("" when it was not retryable: an answer, or the caller's own fault)."""
+    if reason:
+        rt.metrics.retries_refused.labels(reason).inc()
+    if response is not None and response.status < 400:
+        return
     if len(stream.attempts) > 1 or reason in _FINAL_REFUSALS:
-        stream.retries_spent = True
+        stream.retries_spent = True  # whatever the status: the SDK retries any 5xx
 
 
 def _retry_after(route: CompiledRoute, response: aiohttp.ClientResponse | None) -> float | None:

@@ -415,3 +415,20 @@ async def test_the_sdk_still_retries_where_the_proxy_did_not(
         await client.close()
     assert raw.http_response.status_code == 200
     assert fake.total_calls == 2
+
+
+async def test_a_failure_off_the_retry_list_after_a_fallback_tells_the_sdk_not_to_retry(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """501 is not in on_status, but the SDK retries every 5xx: the proxy already tried twice."""
+    proxy = await start_proxy(two(fake.base_url, backup.base_url), raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    backup.settings = replace(backup.settings, error_status=501)
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("5"))
+        assert (status, headers[ATTEMPTS], headers["x-should-retry"]) == (501, "2", "false")
+        backup.settings = replace(backup.settings, error_status=None)
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("6"))
+    assert (status, headers[ATTEMPTS]) == (200, "2")
+    assert "x-should-retry" not in headers  # an answer needs no such advice
+    await wait_idle(proxy.runtime)
