@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from proxy.backpressure import drain_within, write_deadline
 from proxy.cache.base import CachedAnswer
 from proxy.errors import ProxyError, UpstreamBroken
-from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, Served
+from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, SHOULD_RETRY_HEADER, Served
 from proxy.intake import Intake
 from proxy.policy import StreamSettings
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
@@ -229,6 +229,8 @@ class StreamReply:
                 attempts = self._stream.attempts
                 if attempts:  # the tries that all failed, as the head would have said
                     response.headers[ATTEMPTS_HEADER] = str(len(attempts))
+                if self._stream.retries_spent:
+                    response.headers[SHOULD_RETRY_HEADER] = "false"
                 return response
             with contextlib.suppress(ConnectionResetError):
                 await self._out.end(exc)

@@ -99,6 +99,9 @@ class Stream:
     created_at: float = 0.0
     first_event_at: float | None = None  # perf_counter at the first append, for TTFB
     attempts: list[Attempt] = field(default_factory=list)  # the pump's tries, before the head
+    # The proxy retried, or refused a retry it would otherwise make: its
+    # failed answer tells the caller's SDK not to retry on top.
+    retries_spent: bool = False
     _push: set[PushReader] = field(default_factory=set)
 
     def __post_init__(self) -> None:

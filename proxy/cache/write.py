@@ -4,7 +4,8 @@ Runs at the end of the pump task, after the upstream slot is released. The
 stream stays published (and joinable, being complete) until the write lands,
 so an identical request arriving in between follows it instead of calling
 the upstream again. Nothing partial is ever written: only a stream that
-ended complete, on a route with a cache, for a caller that allows writes.
+ended complete, on a route with a cache, for a caller that allows writes
+(and, with `cache_fallback: false`, from the route's first target).
 """
 
 from __future__ import annotations
@@ -31,12 +32,20 @@ def answer_of(stream: Stream) -> CachedAnswer:
     )
 
 
+def _from_a_fallback(stream: Stream, first: str) -> bool:
+    """Whether a target other than the route's first gave the answer."""
+    return bool(stream.attempts) and stream.attempts[-1].target != first
+
+
 async def write_answer(cache: Cache, stream: Stream, intake: Intake) -> None:
     """Hand a complete answer to the cache; return once the write landed."""
     config = intake.route.config.cache
     if not (stream.complete and intake.cache_write):
         return
     if config is None or config.ttl <= 0:
+        return
+    route = intake.route
+    if not route.config.cache_fallback and _from_a_fallback(stream, route.targets[0].label):
         return
     pending = cache.store(intake.key, answer_of(stream), config.ttl)
     if pending is not None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import aiohttp
 
-from proxy.attempts import call_with_retries
+from proxy.attempts import body_done, body_failed, call_with_retries
 from proxy.classify import Ending, EventClassifier
 from proxy.endpoint import Endpoint
 from proxy.errors import UpstreamBroken, UpstreamEventTooLarge
-from proxy.headers import ATTEMPTS_HEADER, downstream_response_headers
+from proxy.headers import ATTEMPTS_HEADER, SHOULD_RETRY_HEADER, downstream_response_headers
 from proxy.intake import Intake
 from proxy.policy import Upstream
 from proxy.prepare import Outgoing
@@ -44,7 +44,12 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
         )
         with opened.lease:
             # The answering target's bounds and idle timeout: a fallback may differ.
-            await relay_into(stream, outgoing.endpoint, opened.response, opened.upstream)
+            try:
+                await relay_into(stream, outgoing.endpoint, opened.response, opened.upstream)
+            except UpstreamBroken as exc:
+                body_failed(rt, stream, opened, exc)  # too late to retry; still its failure
+                raise
+            body_done(rt, opened)
 
 
 async def relay_into(
@@ -55,6 +60,8 @@ async def relay_into(
     try:
         down = downstream_response_headers(response.headers)
         down[ATTEMPTS_HEADER] = str(len(stream.attempts))
+        if stream.retries_spent:
+            down[SHOULD_RETRY_HEADER] = "false"
         is_sse = response.content_type == "text/event-stream"
         if response.status >= 300 or not is_sse:
             chunks = [chunk async for chunk in read_chunks(response, config)]

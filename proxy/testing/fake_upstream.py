@@ -51,14 +51,23 @@ from proxy.testing.fake_answers import (
 __all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest"]
 
 # Per-request overrides, so an out-of-process fake can be driven by its caller.
-_HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
+_HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-tokens": ("tokens", int),
     "x-fake-token-delay": ("token_delay", float),
     "x-fake-ttft": ("ttft", float),
     "x-fake-header-delay": ("header_delay", float),
     "x-fake-status": ("error_status", int),
+    "x-fake-error-times": ("error_times", int),
+    "x-fake-retry-after": ("retry_after", str),
+    "x-fake-retry-after-ms": ("retry_after_ms", int),
+    "x-fake-token-padding": ("token_padding", int),
+    "x-fake-endless": ("endless", str),
     "x-fake-drop-after": ("drop_after", int),
 }
+# With `x-fake-error-times`, errors are counted per request body: a caller
+# that retries the same request sees the first N fail, whatever else the
+# fake is serving at the time.
+_ERROR_TIMES_HEADER = "x-fake-error-times"
 
 
 def header_knobs() -> dict[str, str]:
@@ -127,6 +136,8 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.errors_sent = 0  # error_status answers, counted for error_times
+        # Error answers per canonical body, for the x-fake-error-times header.
+        self.errors_by_body: collections.Counter[bytes] = collections.Counter()
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -159,6 +170,7 @@ class FakeUpstream:
         self.calls_by_path.clear()
         self.requests.clear()
         self.errors_sent = 0
+        self.errors_by_body.clear()
         self.disconnects = 0
 
     # -- lifetime
@@ -218,12 +230,15 @@ class FakeUpstream:
             changes = orjson.loads(await request.read())
             if not isinstance(changes, dict):
                 raise TypeError("expected a JSON object")
-            unknown = set(changes) - {f.name for f in fields(FakeSettings)}
+            valid = [f.name for f in fields(FakeSettings)]
+            unknown = set(changes) - set(valid)
             if unknown:
-                raise TypeError(f"unknown settings: {sorted(unknown)}")
+                raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(valid)}")
             self.settings = replace(self.settings, **changes)
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             return _error_response(400, str(exc), "invalid_settings")
+        if "error_times" in changes or "error_status" in changes:
+            self.errors_sent = 0  # a new error budget counts from now
         return web.json_response(asdict(self.settings))
 
     # -- the API
@@ -239,12 +254,13 @@ class FakeUpstream:
             RecordedRequest(request.method, request.path, headers, raw, request.raw_path)
         )
         post = self._posts.get(request.path) if request.method == "POST" else None
+        body_key = _canonical_raw(raw)
         if post is not None:
-            self.calls[_canonical_raw(raw)] += 1
+            self.calls[body_key] += 1
             self.calls_by_path[request.path] += 1
         self.in_flight += 1
         try:
-            return await self._answer(request, raw, post)
+            return await self._answer(request, raw, body_key, post)
         except Reject as exc:
             return _error_response(exc.status, exc.message, exc.code)
         except asyncio.CancelledError:
@@ -254,11 +270,11 @@ class FakeUpstream:
             self.in_flight -= 1
 
     async def _answer(
-        self, request: web.Request, raw: bytes, post: _Handler | None
+        self, request: web.Request, raw: bytes, key: bytes, post: _Handler | None
     ) -> web.StreamResponse:
         settings = _with_overrides(self.settings, request.headers)
-        key = settings.require_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+        required = settings.require_key
+        if required is not None and request.headers.get("Authorization") != f"Bearer {required}":
             # Never echo the presented key back.
             raise Reject(401, "Incorrect API key provided.", "invalid_api_key")
         if settings.header_delay > 0:
@@ -271,13 +287,23 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
-        times = settings.error_times
-        if settings.error_status is not None and (times is None or self.errors_sent < times):
-            self.errors_sent += 1  # counted before any wait, so concurrent calls see it
+        if settings.error_status is not None and self._errs(settings, request, key):
+            # Counted before any wait, so concurrent calls see it.
+            self.errors_sent += 1
+            self.errors_by_body[key] += 1
             await self._hold_whole()
             status = settings.error_status
             return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
+
+    def _errs(self, settings: FakeSettings, request: web.Request, key: bytes) -> bool:
+        """Whether this call gets `error_status`: every one, or the first `error_times`."""
+        times = settings.error_times
+        if times is None:
+            return True
+        if _ERROR_TIMES_HEADER in request.headers:
+            return self.errors_by_body[key] < times
+        return self.errors_sent < times
 
     def _get(self, request: web.Request) -> web.Response:
         if request.method == "GET" and request.path == "/v1/models":
@@ -451,7 +477,7 @@ def _json(request: web.Request, payload: JSON) -> web.Response:
 
 
 def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeSettings:
-    changes: dict[str, int | float] = {}
+    changes: dict[str, int | float | str] = {}
     for header, (name, parse) in _HEADER_FIELDS.items():
         value = headers.get(header)
         if value is None:
@@ -459,7 +485,8 @@ def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeS
         try:
             changes[name] = parse(value)
         except ValueError as exc:
-            raise Reject(400, f"{header}: {value!r} is not a number", "invalid_value") from exc
+            kind = "an integer" if parse is int else "a number"
+            raise Reject(400, f"{header}: {value!r} is not {kind}", "invalid_value") from exc
     if not changes:
         return settings
     try:
