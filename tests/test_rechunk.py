@@ -9,7 +9,7 @@ what the fake upstream streams for the same request.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -191,8 +191,8 @@ def test_what_has_no_stream_form_is_not_converted() -> None:
 
 # -- generated objects ----------------------------------------------------------------------------
 
-text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-word = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
+text = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
+word = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=8)
 number = st.floats(allow_nan=False, allow_infinity=False, width=64)
 finish = st.sampled_from(["stop", "length", "tool_calls", "content_filter"])
 usage = st.none() | st.fixed_dictionaries(
@@ -382,7 +382,9 @@ def test_the_sdk_accumulates_the_responses_stream_into_the_object() -> None:
     state: ResponseStreamState[None] = ResponseStreamState(input_tools=omit, text_format=omit)
     for event in payloads(converted(RESPONSES, whole)):
         # Built as the SDK builds what it reads off the wire: loosely, not validated.
-        state.handle_event(construct_type(type_=ResponseStreamEvent, value=event))
+        state.handle_event(
+            cast(ResponseStreamEvent, construct_type(type_=ResponseStreamEvent, value=event))
+        )
     snapshot = state._completed_response  # set by the terminal event
     assert snapshot is not None
     assert snapshot.output_text == "".join(plan.pieces)
