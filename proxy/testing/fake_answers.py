@@ -40,6 +40,7 @@ __all__ = [
     "plan_chat",
     "plan_completion",
     "plan_response",
+    "refusal",
     "response_events",
     "response_object",
     "sse",
@@ -65,6 +66,9 @@ class FakeSettings:
     drop_after: int | None = None  # stream: abort the connection after N events
     require_key: str | None = None  # when set, 401 unless `Authorization: Bearer <key>`
     embedding_dims: int = 8
+    # "stream": 400 for `stream: true` (a model that may not stream); "stream_options":
+    # 400 for a body with `stream_options` (older Azure api-versions).
+    refuse: str | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -80,6 +84,8 @@ class FakeSettings:
             raise ValueError("error_status must be between 400 and 599")
         if self.embedding_dims < 1:
             raise ValueError("embedding_dims must be at least 1")
+        if self.refuse not in (None, "stream", "stream_options"):
+            raise ValueError("refuse must be 'stream' or 'stream_options'")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -91,8 +97,9 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "drop_after": int,
     "require_key": str,
     "embedding_dims": int,
+    "refuse": str,
 }
-_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key"})
+_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key", "refuse"})
 
 
 class Reject(Exception):
@@ -449,6 +456,15 @@ def sse_typed(payload: JSON) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def refusal(body: JSON, settings: FakeSettings) -> Reject | None:
+    """What an upstream that cannot stream, or knows no `stream_options`, answers."""
+    if settings.refuse == "stream_options" and "stream_options" in body:
+        return Reject(400, "Unrecognized request argument supplied: stream_options")
+    if settings.refuse == "stream" and body.get("stream") is True:
+        return Reject(400, "This model does not support streaming.", "unsupported_value")
+    return None
 
 
 def usage_requested(body: JSON) -> bool:
