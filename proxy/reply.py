@@ -5,6 +5,12 @@ stream's push set and sleeps until the producer tells it to act (the end,
 or its own buffer passing the high-water mark). While nothing arrives it
 sends an SSE comment now and then so idle timeouts on the hops between
 never cut a long wait for the first token.
+
+A reader of the other mode than the upstream answered in gets the answer
+converted at this edge (`proxy.convert`): a non-stream reader of a stream
+gets the assembled object; a streaming reader of a plain answer (live or
+cached) gets it re-chunked into the endpoint's own stream, all at once when
+the whole answer is there.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from proxy.cache.base import CachedAnswer
+from proxy.convert import PlainAnswer
 from proxy.errors import ProxyError, UpstreamBroken
 from proxy.headers import SERVED_BY, Served
 from proxy.intake import Intake
+from proxy.rechunk import Rechunked
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream, frame_events
 from proxy.trail import trail_of
@@ -36,6 +44,7 @@ if not callable(getattr(StreamWriter, "send_headers", None)):
         " Install the aiohttp series pyproject.toml pins."
     )
 _DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
+_SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 
 def error_response(
@@ -55,12 +64,25 @@ def _headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiD
     return headers
 
 
-def _json_headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiDict[str]:
+def _json_headers(
+    base: CIMultiDict[str], intake: Intake, served: Served, content_type: str = "application/json"
+) -> CIMultiDict[str]:
     headers = _headers(base, intake, served)
     for name in _DROP_FROM_JSON:
         headers.popall(name, None)
-    headers["Content-Type"] = "application/json"
+    headers["Content-Type"] = content_type
     return headers
+
+
+def restreamed_response(
+    status: int, base: CIMultiDict[str], intake: Intake, served: Served, events: Rechunked
+) -> web.Response:
+    """A plain answer re-chunked for a streaming reader: the whole stream in one body."""
+    headers = _json_headers(base, intake, served, _SSE_CONTENT_TYPE)
+    headers["Cache-Control"] = "no-cache"
+    skip = None if intake.wants_usage else events.usage_event
+    body = b"".join(raw for index, raw in enumerate(events.events) if index != skip)
+    return web.Response(status=status, body=body, headers=headers)
 
 
 class SSEOut:
@@ -198,6 +220,11 @@ class StreamReply:
                 await asyncio.shield(stream.finished)
                 if stream.error is not None:
                     raise stream.error
+                events = None
+                if intake.wants_stream and stream.plain is not None:
+                    events = stream.plain.events()
+                if events is not None:
+                    return restreamed_response(head.status, head.headers, intake, served, events)
             return web.Response(
                 status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
             )
@@ -208,19 +235,19 @@ class StreamReply:
             await self._out.response.write_eof()
             return self._out.response
         await asyncio.shield(stream.finished)
-        if stream.assembled is None:
+        body = None if stream.assembly is None else stream.assembly.body()
+        if body is None:
             raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
         return web.Response(
-            status=head.status,
-            body=stream.assembled,
-            headers=_json_headers(head.headers, intake, served),
+            status=head.status, body=body, headers=_json_headers(head.headers, intake, served)
         )
 
 
 async def serve_answer(
     request: web.Request, intake: Intake, answer: CachedAnswer
 ) -> web.StreamResponse:
-    """A cache hit: the stored events as SSE, or the stored JSON."""
+    """A cache hit: the stored events as SSE, or the stored JSON, each
+    converted for a reader of the other mode."""
     trail = trail_of(request)
     if trail is not None:
         trail.served = Served.HIT
@@ -228,6 +255,10 @@ async def serve_answer(
     base["Age"] = str(max(0, int(time.time() - answer.stored_at)))
     if not (intake.wants_stream and answer.is_sse):
         assert answer.body is not None
+        if intake.wants_stream:
+            events = PlainAnswer(intake.endpoint, answer.body).events()
+            if events is not None:
+                return restreamed_response(answer.status, base, intake, Served.HIT, events)
         return web.Response(
             status=answer.status, body=answer.body, headers=_json_headers(base, intake, Served.HIT)
         )

@@ -15,10 +15,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from multidict import CIMultiDict
 
+from proxy.convert import Assembly, PlainAnswer
 from proxy.errors import ProxyError
 from proxy.policy import StreamSettings
 from proxy.sse import chunk_frame
@@ -26,8 +27,7 @@ from proxy.sse import chunk_frame
 
 @dataclass(frozen=True, slots=True)
 class LogEvent:
-    raw: bytes  # the event as the upstream framed it
-    data: Any  # parsed JSON payload, or None ([DONE], non-JSON)
+    raw: bytes  # the event as the upstream framed it (never parsed to be logged)
     usage_only: bool = False  # the include_usage chunk: only readers who asked get it
 
 
@@ -90,10 +90,15 @@ class Stream:
     size: int = 0
     state: State = "pending"
     error: ProxyError | None = None  # set when the stream ended abnormally
-    complete: bool = False  # a whole, cacheable answer arrived
+    complete: bool = False  # the whole answer arrived (cacheable if also `whole`, see write)
     readers: int = 0  # attached readers; the last one leaving may cancel
     abandoned: bool = False  # every reader left and the policy cancelled the call
-    assembled: bytes | None = None  # the non-stream JSON, built once at the end
+    # The answer for readers of the other mode, converted on first use, once
+    # for all of them; set by the pump when the answer is whole. A streamed
+    # answer has `assembly` (its non-stream object), a plain one `plain`
+    # (its body, and its events).
+    assembly: Assembly | None = None
+    plain: PlainAnswer | None = None
     pump: asyncio.Task[None] | None = None  # set once, by the runtime that owns the task
     created_at: float = 0.0
     first_event_at: float | None = None  # perf_counter at the first append, for TTFB
@@ -161,7 +166,7 @@ class Stream:
         if not self.head.done():
             self.fail_before_head(error)
         elif self.state != "done":
-            self.append([LogEvent(error.sse_event(), None)])
+            self.append([LogEvent(error.sse_event())])
             self.end(complete=False, error=error)
 
     def end(self, *, complete: bool, error: ProxyError | None = None) -> None:

@@ -16,6 +16,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.cache.base import CachedAnswer
+from proxy.convert import Assembly, PlainAnswer
+from proxy.endpoint import Endpoint
 from proxy.headers import Served
 from proxy.intake import Intake
 from proxy.prepare import Outgoing, run_steps
@@ -40,22 +42,22 @@ async def prepare(
         if intake.cache_read:
             answer = await rt.cache.lookup(intake.key)
             if answer is not None:
-                replay_answer(stream, answer)
+                replay_answer(stream, intake.endpoint, answer)
                 return None
         return await run_steps(
             intake.route.steps, Outgoing(intake.path, intake.endpoint, intake.body, headers)
         )
 
 
-def replay_answer(stream: Stream, answer: CachedAnswer) -> None:
+def replay_answer(stream: Stream, endpoint: Endpoint, answer: CachedAnswer) -> None:
     """A cached answer as the whole of `stream`, not to be written back."""
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": answer.content_type})
     stream.open(Head(answer.status, headers, is_sse=answer.is_sse, body=answer.body))
-    stream.assembled = answer.body
-    stream.append(
-        [
-            LogEvent(raw, None, index == answer.usage_event)
-            for index, raw in enumerate(answer.events)
-        ]
-    )
+    if answer.is_sse:
+        stream.assembly = Assembly.built(endpoint, answer.body, whole=True)
+        stream.append(
+            [LogEvent(raw, index == answer.usage_event) for index, raw in enumerate(answer.events)]
+        )
+    else:
+        stream.plain = PlainAnswer(endpoint, answer.body or b"")
     stream.end(complete=False)  # already cached: nothing to write back

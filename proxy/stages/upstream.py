@@ -4,7 +4,10 @@ The upstream slot bounds concurrent upstream calls, the expensive and
 rate-limited resource. It is held for the whole upstream response and
 released when it ends. `open_call` is one attempt, returning once response
 headers arrive (or raising a ProxyError): the unit a retry or fallback
-loop wraps. `relay_into` then logs the response into the stream.
+loop wraps. It asks in the leader's own mode with the leader's own bytes: a
+plain call for `stream: false`, a stream (with usage) for `stream: true`.
+`relay_into` then logs the response into the stream, parsing nothing: a
+reader of the other mode converts it on first use (`proxy.convert`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import aiohttp
 import orjson
 
 from proxy.classify import Ending, EventClassifier
+from proxy.convert import PlainAnswer
 from proxy.endpoint import Endpoint
 from proxy.errors import ProxyError, UpstreamBroken
 from proxy.headers import downstream_response_headers
@@ -40,10 +44,12 @@ async def open_call(
     config = route.upstream
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
-    body = outgoing.endpoint.upstream_body(outgoing.body)
+    # The caller's own bytes unless a prepare step replaced the body.
+    raw = intake.raw if outgoing.body is intake.body else orjson.dumps(outgoing.body)
+    data = outgoing.endpoint.upstream_bytes(outgoing.body, raw, intake.wants_stream)
     url = upstream_url(config, outgoing.path, intake.query)
     try:
-        response = await open_upstream(session, config, "POST", url, headers, orjson.dumps(body))
+        response = await open_upstream(session, config, "POST", url, headers, data)
     except ProxyError:
         rt.metrics.upstream_call(route.index, None)
         raise
@@ -64,7 +70,7 @@ async def relay_into(
             head = Head(response.status, down, is_sse=False, body=b"".join(chunks))
             if 200 <= response.status < 300:
                 stream.open(head)
-                stream.assembled = head.body
+                stream.plain = PlainAnswer(endpoint, head.body or b"")
                 stream.end(complete=True)
             else:
                 stream.fail_before_head(head)
@@ -89,7 +95,7 @@ async def _events_into(
     outcome = classifier.finish()
     if outcome.ending is Ending.TRUNCATED:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
-    stream.assembled = outcome.assembled
+    stream.assembly = outcome.assembly
     error = None
     if outcome.ending is Ending.UPSTREAM_ERROR:
         error = UpstreamBroken("llm-sidecar: the upstream sent an error")
