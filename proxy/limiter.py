@@ -83,13 +83,14 @@ class StageLimiter:
         if self.observer is not None:
             self.observer(StageEvent(self.name, holder, kind, time.monotonic()))
 
-    async def acquire(self, holder: str = "") -> None:
+    async def acquire(self, holder: str = "") -> bool:
+        """Take a slot; True when it had to queue for it (time passed meanwhile)."""
         if self._in_use < self._max_concurrency and not self._waiters:
             self._in_use += 1
             self._note(holder, "acquire")
             if self.on_wait is not None:
                 self.on_wait(self.name, 0.0)
-            return
+            return False
         if len(self._waiters) >= self._max_queue:
             self._note(holder, "reject")
             raise QueueFull(self.name, retry_after=self._queue_timeout or 1.0)
@@ -115,6 +116,7 @@ class StageLimiter:
         self._note(holder, "acquire")
         if self.on_wait is not None:
             self.on_wait(self.name, time.monotonic() - started)
+        return True
 
     def release(self, holder: str = "") -> None:
         self._in_use -= 1
@@ -133,9 +135,10 @@ class StageLimiter:
                 self._in_use += 1
 
     @asynccontextmanager
-    async def slot(self, holder: str = "") -> AsyncIterator[None]:
-        await self.acquire(holder)
+    async def slot(self, holder: str = "") -> AsyncIterator[bool]:
+        """Hold a slot; the value says whether the holder queued for it."""
+        queued = await self.acquire(holder)
         try:
-            yield
+            yield queued
         finally:
             self.release(holder)

@@ -3,11 +3,12 @@
 `lead` answers the caller whose request made a new stream: it reads the
 stream like any other reader, holding no slot, while the stream's pump owns
 the call (the caller leaving changes nothing for the others). `prepare` is
-the pump's first step: under
-a leader slot it re-checks the cache (the answer may have landed while it
-queued) and runs the route's prepare steps. The slot is released when
-`prepare` returns, before the upstream slot is asked for (DESIGN invariant 2),
-so a long stream never keeps the next request from being prepared.
+the pump's first step: under a leader slot it re-checks the cache if it had
+to queue for the slot (the answer may have landed meanwhile; right after the
+miss that made this stream, a lookup cannot find anything new) and runs the
+route's prepare steps. The slot is released when `prepare` returns, before
+the upstream slot is asked for (DESIGN invariant 2), so a long stream never
+keeps the next request from being prepared.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ async def prepare(
     rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict[str]
 ) -> Outgoing | None:
     """The request to send upstream; None when the cache answered into `stream`."""
-    async with rt.stages.leader.slot(intake.request_id):
-        if intake.cache_read:
+    async with rt.stages.leader.slot(intake.request_id) as queued:
+        if queued and intake.cache_read:
             answer = await rt.cache.lookup(intake.key)
             if answer is not None:
                 replay_answer(stream, intake.endpoint, answer)
