@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
@@ -155,6 +157,23 @@ class SSEOut:
             finally:
                 stream.unsubscribe(reader)
 
+    async def keep_alive_until(self, done: asyncio.Future[Any], interval: float) -> None:
+        """A keepalive comment every `interval` until `done` (shared: never cancelled here)."""
+        while not done.done():
+            await asyncio.wait((done,), timeout=interval)
+            if not done.done():
+                self._send(_KEEPALIVE_FRAME)
+
+    def write(self, payload: bytes) -> None:
+        """`payload` (SSE events) as one chunk."""
+        self._send(chunk_frame(payload))
+
+    def _send(self, frame: bytes) -> None:
+        transport = self.reader.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(frame)
+
     async def end(self, error: ProxyError | None = None) -> None:
         if error is not None:
             transport = self.reader.transport
@@ -212,6 +231,13 @@ class StreamReply:
 
     async def _write(self) -> web.StreamResponse:
         stream, intake, served = self._stream, self._intake, self._served
+        if intake.wants_stream and stream.plain_call and intake.endpoint.restream is not None:
+            # Nothing of a plain call arrives before the whole answer. Past one
+            # keepalive interval, start this caller's stream anyway, so idle
+            # timeouts on the hops between never cut it while it waits.
+            await asyncio.wait((stream.head,), timeout=stream.settings.keepalive_interval)
+            if not stream.head.done():
+                return await self._restream_when_whole()
         # shield: the head and the end are shared by every reader, and a
         # cancelled await (this caller leaving) would cancel them for all.
         head = await asyncio.shield(stream.head)
@@ -221,7 +247,9 @@ class StreamReply:
                 if stream.error is not None:
                     raise stream.error
                 events = None
-                if intake.wants_stream and stream.plain is not None:
+                if intake.wants_stream and stream.plain_call and stream.plain is not None:
+                    # A streaming reader of a plain call; a streamed call the
+                    # upstream answered in JSON reaches its readers as it is.
                     events = stream.plain.events()
                 if events is not None:
                     return restreamed_response(head.status, head.headers, intake, served, events)
@@ -241,6 +269,62 @@ class StreamReply:
         return web.Response(
             status=head.status, body=body, headers=_json_headers(head.headers, intake, served)
         )
+
+    async def _restream_when_whole(self) -> web.StreamResponse:
+        """A streaming caller of a plain call, its stream started before the answer came.
+
+        Keepalives until the whole answer is there, then all of its events
+        at once. Its status is committed (200), so an error the upstream
+        answered meanwhile reaches it as an error event, as a mid-stream
+        error would: the upstream's own error object when it sent one.
+        """
+        stream, intake = self._stream, self._intake
+        base: CIMultiDict[str] = CIMultiDict({"Content-Type": _SSE_CONTENT_TYPE})
+        out = self._out = await SSEOut.start(
+            self._request, Head(200, base, is_sse=True), intake, self._served
+        )
+        interval = stream.settings.keepalive_interval
+        await out.keep_alive_until(stream.head, interval)
+        error = stream.head.exception()
+        if error is not None:
+            raise error
+        head = stream.head.result()
+        if head.is_sse and head.status < 300:  # the upstream streamed all the same
+            await out.follow(stream)
+            await out.response.write_eof()
+            return out.response
+        trail = trail_of(self._request)
+        if trail is not None:
+            trail.reader = None  # what it is sent is not the stream's log
+        await out.keep_alive_until(stream.finished, interval)
+        if head.status >= 300:
+            payload = _upstream_error_event(head)
+        elif stream.error is not None:
+            raise stream.error
+        else:
+            events = None if stream.plain is None else stream.plain.events()
+            if events is None:
+                raise UpstreamBroken("llm-sidecar: the upstream answer has no stream form")
+            skip = None if intake.wants_usage else events.usage_event
+            payload = b"".join(raw for index, raw in enumerate(events.events) if index != skip)
+        out.write(payload)
+        if trail is not None:
+            trail.first_byte_at, trail.bytes_out = time.perf_counter(), len(payload)
+        await out.response.write_eof()
+        return out.response
+
+
+def _upstream_error_event(head: Head) -> bytes:
+    """An upstream's error answer as an SSE event the SDK raises on."""
+    body = head.body or b""
+    if body.startswith(b"{"):
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return b"data: " + orjson.dumps({"error": parsed["error"]}) + b"\n\n"
+    return UpstreamBroken(f"llm-sidecar: the upstream answered {head.status}").sse_event()
 
 
 async def serve_answer(

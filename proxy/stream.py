@@ -84,6 +84,8 @@ class Stream:
     key: str
     settings: StreamSettings
     cancel_on_abandon: bool
+    # The leader asked for a plain answer: no event comes before the whole of it.
+    plain_call: bool = False
     head: asyncio.Future[Head] = field(init=False)
     finished: asyncio.Future[None] = field(init=False)
     events: list[LogEvent] = field(default_factory=list)

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
+from proxy.rechunk import CHAT_PATH, rechunk
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, wait_idle, wait_readers
 from tests.redis_server import RedisServer
@@ -272,4 +273,71 @@ async def test_a_cached_answer_serves_the_other_mode(
         assert fake.total_calls == 1 and stats is not None and stats.hits == 2
         assert filled == again == await _answer(direct, name, filled_by_stream)
         assert hit == await _answer(direct, name, not filled_by_stream)
+    await wait_idle(proxy.runtime)
+
+
+async def _frames_until(response: aiohttp.ClientResponse, count: int) -> list[bytes]:
+    """The first `count` SSE frames (events or comments) of a response, as they arrive."""
+    return [await response.content.readuntil(b"\n\n") for _ in range(count)]
+
+
+async def test_a_streaming_reader_of_a_plain_call_is_kept_alive_until_the_answer(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy({"stream": {"keepalive_interval": "50ms"}})
+    fake.hold_after = 0
+    url = proxy.base_url + PATHS["chat"]
+    async with aiohttp.ClientSession() as session:
+        lead = asyncio.create_task(session.post(url, json=BODIES["chat"]))
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+        async with (
+            asyncio.timeout(10),
+            session.post(url, json={**BODIES["chat"], "stream": True}) as follower,
+        ):
+            # Its stream starts while the upstream is still working on the answer.
+            assert follower.status == 200
+            assert follower.headers["Content-Type"].startswith("text/event-stream")
+            assert await _frames_until(follower, 2) == [b": keepalive\n\n"] * 2
+            fake.release.set()
+            rest = await follower.read()
+        async with await lead as leader:
+            answer = orjson.loads(await leader.read())
+    events = [e for e in rest.split(b"\n\n") if e and not e.startswith(b":")]
+    converted = rechunk(CHAT_PATH, answer)
+    assert converted is not None and converted.usage_event is not None
+    expected = [e for i, e in enumerate(converted.events) if i != converted.usage_event]
+    assert [e + b"\n\n" for e in events] == expected  # the leader's answer, re-chunked
+    assert fake.total_calls == 1
+    await wait_idle(proxy.runtime)
+
+
+async def test_an_upstream_error_reaches_a_kept_alive_reader_as_an_error_event(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy({"stream": {"keepalive_interval": "50ms"}})
+    fake.settings = replace(fake.settings, error_status=429)
+    fake.hold_after = 0
+    async with (
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-t", max_retries=0) as direct,
+        openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-t", max_retries=0) as proxied,
+    ):
+        lead = asyncio.create_task(_plain(proxied, "chat"))
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+            # Returns once its stream has started: before the upstream answered.
+            stream = await proxied.chat.completions.create(**BODIES["chat"], stream=True)
+        fake.release.set()
+        with pytest.raises(openai.APIError) as followed:
+            async for _ in stream:
+                pass
+        with pytest.raises(openai.RateLimitError) as led:
+            await lead
+        fake.hold_after = None
+        with pytest.raises(openai.RateLimitError) as straight:
+            await _plain(direct, "chat")
+    # The leader gets the upstream's status and body; the reader, whose 200 was
+    # already sent, the upstream's error as the event the SDK raises on.
+    assert led.value.body == followed.value.body == straight.value.body
+    assert fake.total_calls == 2
     await wait_idle(proxy.runtime)
