@@ -4,7 +4,7 @@ wrk drives `distinct.lua` (a new prompt per request) at 1 and 16
 connections against the fake upstream directly and through each hop:
 nginx (proxy_pass with upstream keepalive), the bare aiohttp relay,
 llm-sidecar (coalescing and memory cache on, so every request is a miss
-that is looked up, coalesced, streamed upstream, assembled and cached) and,
+that is looked up, coalesced, relayed as a plain call and cached) and,
 when it installed, LiteLLM's proxy. Rounds interleave the hops so drift on
 a noisy machine hits them all alike; each figure is the median over rounds.
 """
@@ -123,9 +123,8 @@ async def run(ctx: Context) -> Section:
             "percentile minus the direct percentile at the same concurrency. Hop CPU is the "
             "CPU time of the hop process alone per request, fake CPU the fake upstream's; both "
             "share the one server core, so req/s is about 1 / (hop + fake CPU). "
-            "llm-sidecar asks the upstream for a stream and assembles the JSON itself (its "
-            "design: stream and non-stream callers share one call), and writes each answer to "
-            "its memory cache."
+            "llm-sidecar asks the upstream in the caller's mode (a plain call, the caller's "
+            "bytes), and writes each answer to its memory cache."
         ),
         columns=[
             "hop",
