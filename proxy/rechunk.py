@@ -127,15 +127,15 @@ def _choices(answer: JSON) -> list[JSON] | None:
     return choices
 
 
-def _split_logprobs(logprobs: Any, text: Any, key: str) -> list[JSON] | None:
-    """Per-token logprobs when the tokens (`logprobs[key]`) spell `text` exactly.
+def _split_logprobs(logprobs: Any, text: Any) -> list[JSON] | None:
+    """Per-token chat logprobs when their tokens (`logprobs.content`) spell `text` exactly.
 
     The first piece keeps every other field; later pieces keep only the
     non-list ones, so the assembler's concatenation gives the lists back.
     """
     if not isinstance(logprobs, dict) or not isinstance(text, str) or not text:
         return None
-    entries = logprobs.get(key)
+    entries = logprobs.get("content")
     if not isinstance(entries, list) or not entries:
         return None
     tokens = [e.get("token") if isinstance(e, dict) else None for e in entries]
@@ -145,7 +145,7 @@ def _split_logprobs(logprobs: Any, text: Any, key: str) -> list[JSON] | None:
     for i, entry in enumerate(entries):
         piece: JSON = {}
         for name, value in logprobs.items():
-            if name == key:
+            if name == "content":
                 piece[name] = [entry]
             elif i == 0 or not isinstance(value, list):
                 piece[name] = value
@@ -196,7 +196,7 @@ def _chat_parts(choice: JSON) -> list[JSON] | None:
     if isinstance(refusal, str):
         parts.append(_chat_part(index, {"refusal": refusal}))
     if isinstance(content, str) and content:
-        split = _split_logprobs(logprobs, content, "content")
+        split = _split_logprobs(logprobs, content)
         if split is not None:
             parts += [
                 _chat_part(index, {"content": piece["content"][0]["token"]}, piece)

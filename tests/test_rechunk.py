@@ -324,7 +324,7 @@ def response_answer(draw: st.DrawFn) -> JSON:
     }
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(chat_answer())
 def test_any_chat_object_round_trips(answer: JSON) -> None:
     chunks = payloads(converted(CHAT, answer))
@@ -338,7 +338,7 @@ def test_any_chat_object_round_trips(answer: JSON) -> None:
             assert all(("id" in c) == (c["function"].get("arguments") == "") for c in calls)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(completion_answer())
 def test_any_completion_object_round_trips(answer: JSON) -> None:
     chunks = payloads(converted(COMPLETIONS, answer))
@@ -346,7 +346,7 @@ def test_any_completion_object_round_trips(answer: JSON) -> None:
     assert choices_finished(chunks)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(response_answer())
 def test_any_response_object_round_trips(answer: JSON) -> None:
     events = payloads(converted(RESPONSES, answer))
