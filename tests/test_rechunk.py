@@ -388,3 +388,36 @@ def test_the_sdk_accumulates_the_responses_stream_into_the_object() -> None:
     snapshot = state._completed_response  # set by the terminal event
     assert snapshot is not None
     assert snapshot.output_text == "".join(plan.pieces)
+
+
+def test_dialect_fields_go_where_their_upstreams_stream_them() -> None:
+    # vLLM puts `stop_reason` on the choice; Azure adds content filter results to it and
+    # prompt filter results to the top. A choice's own fields ride on its finish chunk,
+    # top-level ones on every chunk, as each dialect streams them.
+    answer: JSON = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "prompt_filter_results": [{"prompt_index": 0}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi"},
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+                "content_filter_results": {"hate": {"filtered": False}},
+            }
+        ],
+        "usage": None,
+    }
+    chunks = payloads(converted(CHAT, answer))
+    assert [c["choices"][0].get("stop_reason", "absent") for c in chunks] == [
+        "absent",
+        "absent",
+        None,
+    ]
+    assert chunks[-1]["choices"][0]["content_filter_results"] == {"hate": {"filtered": False}}
+    assert all(c["prompt_filter_results"] == [{"prompt_index": 0}] for c in chunks)
+    assert converted(CHAT, answer).usage_event is None  # no usage, no usage chunk
