@@ -291,7 +291,7 @@ class StreamReply:
         head = stream.head.result()
         if head.is_sse and head.status < 300:  # the upstream streamed all the same
             await out.follow(stream)
-            await out.response.write_eof()
+            await out.end()
             return out.response
         trail = trail_of(self._request)
         if trail is not None:
@@ -310,7 +310,7 @@ class StreamReply:
         out.write(payload)
         if trail is not None:
             trail.first_byte_at, trail.bytes_out = time.perf_counter(), len(payload)
-        await out.response.write_eof()
+        await out.end()
         return out.response
 
 
