@@ -22,13 +22,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
+# The same locked versions and hashes `make run` installs: a new release of a
+# dependency (aiohttp's writer internals, say) never changes an image unasked.
+COPY requirements/run.txt ./requirements/run.txt
 # proxy/default_policy.yaml is a symlink to policies/default.yaml: COPY keeps
 # symlinks as they are, so its target must be in the context too.
 COPY policies/default.yaml ./policies/default.yaml
 COPY proxy ./proxy
 # Fail the build, not the first start, if the embedded default policy did not
 # make it into the installed package.
-RUN /opt/venv/bin/pip install --compile . \
+RUN /opt/venv/bin/pip install --compile --require-hashes -r requirements/run.txt \
+    && /opt/venv/bin/pip install --compile --no-deps . \
     && /opt/venv/bin/python -c "import importlib.resources as r; \
 assert r.files('proxy').joinpath('default_policy.yaml').is_file(), 'default policy missing'" \
     && /opt/venv/bin/llm-sidecar check policies/default.yaml

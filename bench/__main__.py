@@ -1,8 +1,9 @@
 """`python -m bench [--quick] [--only NAME,...]`: run the scenarios, write the report.
 
-A full run writes `bench/results/latest.md` and the PNGs beside it; a run
-with `--only` writes into `bench/results/raw/only-NAMES/` (git-ignored) so
-it never overwrites the committed report. Every server is a subprocess
+A full run writes `bench/results/latest.md` and the PNGs beside it; a
+`--quick` run writes into `bench/results/quick/` and a run with `--only`
+into `bench/results/raw/only-NAMES/` (both git-ignored), so neither ever
+overwrites the committed report. Every server is a subprocess
 killed at the end of its scenario, and again at exit whatever happened.
 """
 
@@ -30,7 +31,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short runs (under a minute); the report goes to bench/results/quick/",
+    )
     parser.add_argument(
         "--only",
         default="",
@@ -65,6 +70,18 @@ async def _main(ctx: Context, names: list[str], argv: list[str]) -> int:
     return 1 if failures else 0
 
 
+def output_dir(out: Path | None, *, quick: bool, only: list[str] | None) -> Path:
+    """Where a run's report goes: only a full run of every scenario replaces
+    the committed one; a partial or quick run's noisy figures go aside."""
+    if out is not None:
+        return out
+    if only is not None:
+        return RESULTS / "raw" / f"only-{'-'.join(only)}"
+    if quick:
+        return RESULTS / "quick"
+    return RESULTS
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(args_list)
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
         return 2
-    out = args.out or (RESULTS if not args.only else RESULTS / "raw" / f"only-{'-'.join(names)}")
+    out = output_dir(args.out, quick=args.quick, only=names if args.only else None)
     out.mkdir(parents=True, exist_ok=True)
     placement = choose_placement()
     if placement.pinned:

@@ -65,6 +65,37 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def median_noise(values: Sequence[float]) -> float:
+    """Half-width of a ~95% interval around the median of `values`.
+
+    1.96 times the median's standard error, estimated robustly: sigma from
+    the median absolute deviation (1.4826 MAD), and the median's standard
+    error as 1.2533 sigma / sqrt(n). Infinite for fewer than two values: one
+    sample says nothing about its own noise.
+    """
+    if len(values) < 2:
+        return math.inf
+    centre = statistics.median(values)
+    mad = statistics.median(abs(v - centre) for v in values)
+    return 1.96 * 1.2533 * 1.4826 * mad / math.sqrt(len(values))
+
+
+def added_cost(values: Sequence[float], base: Sequence[float]) -> tuple[float, float]:
+    """Median of `values` minus median of `base`, and the noise of that difference."""
+    noise = math.hypot(median_noise(values), median_noise(base))
+    return median(values) - median(base), noise
+
+
+def added_text(diff: float, noise: float, digits: int = 0, scale: float = 1.0) -> str:
+    """A hop's added cost for the report: a difference no larger than its noise
+    (a negative one always) is no measured cost, and says so."""
+    if math.isnan(diff):
+        return "n/a"
+    if diff <= noise:
+        return "within noise"
+    return num(diff * scale, digits)
+
+
 def ms(seconds: float, digits: int = 2) -> str:
     return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.{digits}f}"
 

@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 
+from proxy import __version__
 from proxy.policy import PolicyError, load_policy
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a checkout."""
+    try:
+        return metadata.version("llm-sidecar")
+    except metadata.PackageNotFoundError:
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument(
@@ -19,10 +30,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
-    check = sub.add_parser("check", help="validate a policy file without serving")
-    check.add_argument("file")
-    sub.add_parser("fake-upstream", help="run the fake OpenAI-compatible upstream", add_help=False)
+    check = sub.add_parser(
+        "check",
+        help="validate a policy file without serving",
+        description="Validate a policy file exactly as `serve` would, without serving: the YAML, "
+        "the schema, the cross-references, and every environment variable the policy names "
+        "(api_key_env, prepare steps' env, cache.password_env). Prints `ok: FILE (version V)` "
+        "and exits 0, or one `error: FILE: PATH: REASON` line per problem and exits 2.",
+    )
+    check.add_argument(
+        "file", metavar="FILE", help="the policy YAML to validate, e.g. policies/default.yaml"
+    )
+    sub.add_parser(
+        "fake-upstream",
+        help="run a fake OpenAI-compatible upstream (see `fake-upstream --help` for its knobs)",
+        add_help=False,
+    )
     return parser
+
+
+def _report(error: PolicyError) -> None:
+    for line in error.lines():
+        print(f"error: {line}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
             compile_policy(loaded, HookSession())
         except PolicyError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _report(exc)
             return 2
         print(f"ok: {args.file} (version {loaded.version})")
         return 0
@@ -48,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_policy(path)
     except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     from proxy.lifecycle import serve
 
     try:
         serve(loaded, args.host, args.port)
     except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     return 0
 

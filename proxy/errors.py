@@ -26,7 +26,8 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
     def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        # Whichever path failed (lead, follow, relay), the answer is the proxy's own.
+        headers = {"Content-Type": "application/json", "x-llm-sidecar": "error"}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, round(self.retry_after)))
         return headers
@@ -46,6 +47,20 @@ class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class BadPath(BadRequest):
+    """A path that is malformed or leaves its prefix: refused, never forwarded."""
+
+    code = "invalid_path"
+
+
+class RequestTimeout(ProxyError):
+    """The caller stopped sending its body; the SDKs retry a 408."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class NotFound(ProxyError):
@@ -100,6 +115,24 @@ class UpstreamBroken(ProxyError):
     status = 502
     type = "server_error"
     code = "upstream_stream_error"
+
+
+class UpstreamTooLarge(UpstreamBroken):
+    """The upstream's response passed `max_response_bytes`."""
+
+    code = "upstream_response_too_large"
+
+
+class UpstreamEventTooLarge(UpstreamBroken):
+    """One event of the upstream's stream passed `max_event_bytes`."""
+
+    code = "upstream_event_too_large"
+
+
+class UpstreamTooLong(UpstreamBroken):
+    """The upstream's response was still running after `max_duration`."""
+
+    code = "upstream_response_too_long"
 
 
 class HookRejected(ProxyError):

@@ -1,10 +1,10 @@
 """Levels read from the runtime at scrape time: the request path pays nothing.
 
 Stage in-use and queued counts, streams in flight, pumps alive, draining,
-the policy version and the cache's counters. `watch` registers them on the
-runtime's own registry and times its stage waits. Kept apart from
-`proxy.metrics` so that the runtime can own a `Metrics` without the metrics
-module knowing the runtime.
+the policy version, the cache's counters, ejected targets and retries in
+flight. `watch` registers them on the runtime's own registry and times its
+stage waits. Kept apart from `proxy.metrics` so that the runtime can own a
+`Metrics` without the metrics module knowing the runtime.
 """
 
 from __future__ import annotations
@@ -65,3 +65,26 @@ class RuntimeCollector(Collector):
             "llm_sidecar_policy", "The policy being served.", value={"version": rt.snapshot.version}
         )
         yield from cache_metrics(rt.cache)
+        yield from _target_metrics(rt)
+
+
+def _target_metrics(rt: Runtime) -> Iterator[Metric]:
+    ejected = GaugeMetricFamily(
+        "llm_sidecar_upstream_ejected",
+        "1 while the target is ejected for a cool-down, per target of the policy.",
+        labels=["target"],
+    )
+    retries = rt.retries
+    now = retries.clock()
+    seen: set[str] = set()
+    for route in rt.snapshot.routes:
+        for target in route.targets:
+            if target.label not in seen:
+                seen.add(target.label)
+                ejected.add_metric([target.label], int(retries.outliers.is_ejected(target.id, now)))
+    yield ejected
+    yield GaugeMetricFamily(
+        "llm_sidecar_upstream_retries_in_flight",
+        "Retries holding a share of the retry budget now.",
+        value=retries.budget.in_flight,
+    )

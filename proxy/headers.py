@@ -14,6 +14,8 @@ Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 # The response header that says which path served a request.
 SERVED_BY = "x-llm-sidecar"
+# The response header that says how many upstream attempts a stream took.
+ATTEMPTS_HEADER = "x-llm-sidecar-attempts"
 
 
 class Served(enum.StrEnum):

@@ -33,7 +33,7 @@ import uvloop
 from aiohttp import web
 
 from proxy import logs
-from proxy.app import build_app, make_runner, start_site
+from proxy.app import build_admin_app, build_app, make_runner, start_site
 from proxy.observe import OBSERVER
 from proxy.policy import LoadedPolicy
 from proxy.reload import Reloader
@@ -151,15 +151,33 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     lifecycle = Lifecycle(app, runner, Path(loaded.source))
     # Before the socket opens: a SIGTERM from here on drains instead of killing.
     lifecycle.install_signals()
-    await start_site(app, host, port, runner=runner)
-    # Everything built so far lives as long as the process: keep it out of
-    # the collector's full passes, which otherwise rescan it under load.
-    gc.freeze()
-    logs.event("start", host=host, port=port, version=loaded.version, pid=os.getpid())
+    admin_runner: web.AppRunner | None = None
     try:
+        await start_site(app, host, port, runner=runner)
+        admin = loaded.policy.admin
+        if admin is not None:
+            # Its own runner: the drain closes the API listener only, so probes
+            # and metrics keep answering (503 from /readyz) until the exit.
+            admin_app = build_admin_app(app[RUNTIME])
+            admin_runner = make_runner(admin_app, shutdown_timeout=GRACE)
+            await start_site(admin_app, admin.host, admin.port, runner=admin_runner)
+        # Everything built so far lives as long as the process: keep it out of
+        # the collector's full passes, which otherwise rescan it under load.
+        gc.freeze()
+        logs.event(
+            "start",
+            host=host,
+            port=port,
+            admin_host=None if admin is None else admin.host,
+            admin_port=None if admin is None else admin.port,
+            version=loaded.version,
+            pid=os.getpid(),
+        )
         await lifecycle.run_until_stopped()
     finally:
         await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
     logs.event("stop")
 
 

@@ -98,6 +98,30 @@ class Metrics:
             ["route", "status"],
             registry=reg,
         )
+        self.attempts = Counter(
+            "llm_sidecar_upstream_attempts",
+            "Upstream attempts by target and outcome (the status, or connect_error, timeout).",
+            ["target", "outcome"],
+            registry=reg,
+        )
+        self.retries = Counter(
+            "llm_sidecar_upstream_retries",
+            "Attempts made after a first one failed (retries and fallbacks).",
+            registry=reg,
+        )
+        self.retries_refused = Counter(
+            "llm_sidecar_upstream_retries_refused",
+            "Retryable failures answered as they were, by reason"
+            " (attempts, budget, retry_after, draining).",
+            ["reason"],
+            registry=reg,
+        )
+        self.ejections = Counter(
+            "llm_sidecar_upstream_ejections",
+            "Times a target was ejected for a cool-down after failing in a row.",
+            ["target"],
+            registry=reg,
+        )
         self.stage_wait = Histogram(
             "llm_sidecar_stage_wait_seconds",
             "Time from asking for a stage slot to getting it.",
@@ -114,6 +138,7 @@ class Metrics:
         self._served = {name: _ServedChildren(self, name) for name in SERVED}
         self._requests: dict[tuple[str, int], Any] = {}
         self._upstream: dict[tuple[int, int | None], Any] = {}
+        self._attempts: dict[tuple[str, int | str], Any] = {}
         self._waits = {name: self.stage_wait.labels(name) for name in STAGES}
         self._reload_ok = self.reloads.labels("ok")
         self._reload_failed = self.reloads.labels("failed")
@@ -149,6 +174,13 @@ class Metrics:
         if counter is None:
             label = NO_RESPONSE if status is None else str(status)
             counter = self._upstream[(route, status)] = self.upstream.labels(str(route), label)
+        counter.inc()
+
+    def attempt(self, target: str, outcome: int | str) -> None:
+        """One attempt at `target`: its status, or CONNECT_ERROR / TIMEOUT."""
+        counter = self._attempts.get((target, outcome))
+        if counter is None:
+            counter = self._attempts[(target, outcome)] = self.attempts.labels(target, str(outcome))
         counter.inc()
 
     def stage_waited(self, stage: str, seconds: float) -> None:

@@ -8,12 +8,14 @@ reason, so `llm-sidecar check` and a rejected SIGHUP say the same thing.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,12 +25,15 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.policy_messages import Loc, PathError, problems_of
 from proxy.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
+# The caller's own request is at fault: another attempt would get the same answer.
+NEVER_RETRIED = frozenset({400, 401, 403, 404})
 
 
 class _Model(BaseModel):
@@ -42,6 +47,19 @@ class Listen(_Model):
 
 class Limits(_Model):
     max_body_bytes: Size = 10 * 1024 * 1024
+    # A caller's request head must be complete this long after its first byte.
+    header_timeout: Duration = Field(10.0, gt=0)
+    # The whole request body must arrive this long after its head (408 otherwise).
+    body_timeout: Duration = Field(60.0, gt=0)
+    # An idle keep-alive connection is closed after this.
+    idle_timeout: Duration = Field(75.0, gt=0)
+
+
+class Admin(_Model):
+    """A separate listener for /status, /metrics, /healthz and /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
 
 
 class Upstream(_Model):
@@ -51,6 +69,11 @@ class Upstream(_Model):
     first_byte_timeout: Duration = 120.0
     idle_timeout: Duration = 60.0
     max_connections: int = Field(256, ge=1)
+    # Bounds on one response, whatever the upstream sends: past any of them
+    # the call ends with an error, its connection closed, nothing cached.
+    max_response_bytes: Size = Field(256 * 1024 * 1024, ge=1)
+    max_event_bytes: Size = Field(16 * 1024 * 1024, ge=1)
+    max_duration: Duration = Field(1800.0, gt=0)
 
     @field_validator("base_url")
     @classmethod
@@ -87,20 +110,39 @@ class Breaker(_Model):
     reset_after: Duration = 5.0
 
 
+RedisMode = Literal["single", "cluster"]
+
+
 class Cache(_Model):
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
+    # "cluster": `url` names any one node of a Redis Cluster (redis-py's cluster client).
+    mode: RedisMode = "single"
     password_env: str | None = None
     max_bytes: Size = 256 * 1024 * 1024
+    # Larger answers are served but not stored (and counted), in every backend.
+    max_entry_bytes: Size = 16 * 1024 * 1024
     timeout: Duration = 0.2
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        # Names carry the request key as a Redis Cluster hash tag; a brace in
+        # the prefix would become the tag, putting every key in one slot.
+        if "{" in value or "}" in value:
+            raise ValueError("key_prefix cannot contain { or }")
+        return value
 
 
 class StreamSettings(_Model):
     max_log_bytes: Size = 16 * 1024 * 1024
     keepalive_interval: Duration = 5.0
     write_high_water: Size = 256 * 1024
+    # A caller whose socket does not drain within this, once its buffer
+    # passed `write_high_water`, is dropped (alone).
+    write_timeout: Duration = Field(10.0, gt=0)
 
 
 class Reload(_Model):
@@ -128,6 +170,20 @@ class Match(_Model):
         if not value.startswith(("/", "*")):
             raise ValueError("path must start with / (globs: * matches any characters)")
         return value
+
+
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a header name")
+    return value.lower()
+
+
+# Checked per item, so every bad name in a list is reported at its own path.
+HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
 class RouteCache(_Model):
@@ -175,60 +231,208 @@ PrepareStepConfig = Annotated[
 ]
 
 
+class Target(_Model):
+    upstream: str
+    model: str | None = None  # sent as the body's `model` to this target only
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _check_weight(cls, value: float) -> float:
+        if not value > 0:  # also refuses NaN
+            raise ValueError("weight must be above 0")
+        return value
+
+
+class Retry(_Model):
+    attempts: int | None = Field(None, ge=1, le=10)  # None: one per target
+    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
+    backoff: Duration = 0.5
+    max_retry_wait: Duration | None = None  # None: 5s, or the upstream queue timeout if lower
+    budget_percent: float = Field(20.0, gt=0, le=100)
+    min_retry_concurrency: int = Field(3, ge=0)
+    eject_after: int = Field(5, ge=1)
+    eject_for: Duration = 30.0
+    max_eject_for: Duration = 300.0  # the doubling's cap; never below eject_for
+
+    @field_validator("on_status")
+    @classmethod
+    def _check_statuses(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for status in value:
+            if status in NEVER_RETRIED:
+                raise ValueError(f"{status} is never retried: the request itself is at fault")
+            if not 400 <= status <= 599:
+                raise ValueError(f"{status} is not an error status (400-599)")
+        return value
+
+
 class Route(_Model):
     match: Match
-    upstream: str
+    upstream: str | None = None  # shorthand for `targets: [{upstream: NAME}]`
+    targets: tuple[Target, ...] | None = None
+    strategy: Literal["fallback", "balance"] = "fallback"
+    retry: Retry = Retry()
     coalesce: bool = True
     share_across_tenants: bool = False
     tenant_header: str | None = None
     ignore_fields: tuple[str, ...] = ("stream", "stream_options", "user")
+    # Request headers whose values are part of the key (e.g. OpenAI-Organization).
+    vary_headers: tuple[HeaderName, ...] = ()
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
+
+    @property
+    def target_list(self) -> tuple[Target, ...]:
+        """The targets in the order written; `upstream: NAME` is a list of one."""
+        if self.targets is not None:
+            return self.targets
+        return () if self.upstream is None else (Target(upstream=self.upstream),)
+
+
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class ClusterSettings(_Model):
+    """Cross-replica coalescing: one upstream call per key across every sidecar.
+
+    `url: null` means the cache's Redis: its url, password_env and mode all
+    apply, so `password_env` and `mode` here belong to an own `url` only.
+    """
+
+    coalesce_across_replicas: bool = False
+    url: str | None = None
+    password_env: str | None = None
+    mode: RedisMode = "single"
+    lease: PositiveDuration = 5.0
+    stream_ttl: PositiveDuration = 30.0
+    max_stream_bytes: Annotated[Size, Field(gt=0)] = StreamSettings().max_log_bytes
+    timeout: PositiveDuration = 0.2
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        return value
+
+
+def _cluster_problems(cluster: ClusterSettings, cache: Cache) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    if cluster.url is None:
+        # Silently ignoring these would leave a user believing they apply.
+        for field in ("password_env", "mode"):
+            if field in cluster.model_fields_set:
+                problems.append(
+                    (
+                        ("cluster", field),
+                        f"applies to cluster.url only; without it the cache's Redis "
+                        f"is used (set cache.{field} instead)",
+                    )
+                )
+        if cluster.coalesce_across_replicas and cache.backend != "redis":
+            problems.append(
+                (
+                    ("cluster", "coalesce_across_replicas"),
+                    "needs a Redis: set cluster.url, or cache.backend: redis to share the cache's",
+                )
+            )
+    if cluster.timeout >= cluster.lease:
+        # The owner renews every lease/3; a call slower than the lease cannot keep it.
+        problems.append((("cluster", "timeout"), "must be shorter than cluster.lease"))
+    return problems
 
 
 class Policy(_Model):
     version: str | None = None
     listen: Listen = Listen()
+    admin: Admin | None = None
     limits: Limits = Limits()
     log: Log = Log()
     upstreams: dict[str, Upstream] = Field(min_length=1)
     stages: Stages = Stages()
     stream: StreamSettings = StreamSettings()
     cache: Cache = Cache()
+    cluster: ClusterSettings = ClusterSettings()
     reload: Reload = Reload()
     shutdown: Shutdown = Shutdown()
     routes: tuple[Route, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Policy:
+        problems = self._admin_problems()
         for index, route in enumerate(self.routes):
-            if route.upstream not in self.upstreams:
+            if route.upstream is not None and route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
-                raise _PathError(
-                    ("routes", index, "upstream"),
-                    f"unknown upstream {route.upstream!r} (defined: {known})",
+                problems.append(
+                    (
+                        ("routes", index, "upstream"),
+                        f"unknown upstream {route.upstream!r} (defined: {known})",
+                    )
                 )
+            problems.extend(self._target_problems(index, route))
         last = self.routes[-1].match
         if last.path not in ("*", "/*", "/v1/*") or last.methods is not None:
-            raise _PathError(
-                ("routes", len(self.routes) - 1, "match"),
-                'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
+            problems.append(
+                (
+                    ("routes", len(self.routes) - 1, "match"),
+                    'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
+                )
             )
+        problems.extend(_cluster_problems(self.cluster, self.cache))
+        if problems:
+            raise PathError(problems)
         return self
 
+    def _admin_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        admin, listen = self.admin, self.listen
+        if admin is None or admin.port == 0 or admin.port != listen.port:
+            return []
+        # One port on the same address (or a wildcard, which takes every
+        # address): `serve` would fail to bind, so `check` fails here.
+        if admin.host == listen.host or {admin.host, listen.host} & _WILDCARD_HOSTS:
+            reason = f"port {admin.port} is the API's own (listen.port): pick another"
+            return [(("admin", "port"), reason)]
+        return []
 
-class _PathError(ValueError):
-    """A cross-field error that knows where in the file it belongs."""
-
-    def __init__(self, loc: tuple[str | int, ...], reason: str) -> None:
-        super().__init__(reason)
-        self.loc = loc
-        self.reason = reason
+    def _target_problems(self, index: int, route: Route) -> list[tuple[tuple[str | int, ...], str]]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if (route.upstream is None) == (route.targets is None):
+            problems.append(
+                (("routes", index), "name the route's upstream, or its targets list, exactly once")
+            )
+        if route.targets is not None and not route.targets:
+            problems.append(
+                (("routes", index, "targets"), "the target list is empty: name at least one")
+            )
+        for number, target in enumerate(route.targets or ()):
+            if target.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                problems.append(
+                    (
+                        ("routes", index, "targets", number, "upstream"),
+                        f"unknown upstream {target.upstream!r} (defined: {known})",
+                    )
+                )
+        queue_timeout = self.stages.upstream.queue_timeout
+        wait = route.retry.max_retry_wait
+        if wait is not None and wait > queue_timeout:
+            # A retry waits holding its upstream slot; queued calls would time out first.
+            problems.append(
+                (
+                    ("routes", index, "retry", "max_retry_wait"),
+                    f"{wait:g}s is above stages.upstream.queue_timeout ({queue_timeout:g}s)",
+                )
+            )
+        return problems
 
 
 class PolicyError(Exception):
-    """A policy that cannot be used: which file, where inside it, and why."""
+    """A policy that cannot be used: which file, and every problem in it (where, why).
+
+    `path` and `reason` are the first problem's; `problems` holds them all, so
+    one run of `llm-sidecar check` (or one rejected reload) lists everything.
+    """
 
     # A plain class, not a frozen dataclass: the runtime sets __traceback__
     # and __context__ on exceptions, which a frozen instance refuses.
@@ -237,9 +441,20 @@ class PolicyError(Exception):
         self.file = file
         self.path = path
         self.reason = reason
+        self.problems: tuple[tuple[str, str], ...] = ((path, reason),)
+
+    @classmethod
+    def of(cls, file: str, problems: list[tuple[str, str]]) -> PolicyError:
+        error = cls(file, *problems[0])
+        error.problems = tuple(problems)
+        return error
+
+    def lines(self) -> list[str]:
+        """One `file: path: reason` line per problem."""
+        return [f"{self.file}: {path}: {reason}" for path, reason in self.problems]
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.path}: {self.reason}"
+        return "\n".join(self.lines())
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,16 +464,6 @@ class LoadedPolicy:
     policy: Policy
     source: str
     version: str
-
-
-def _format_loc(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
 
 
 def parse_policy(text: str, source: str) -> LoadedPolicy:
@@ -275,24 +480,10 @@ def parse_policy(text: str, source: str) -> LoadedPolicy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc: tuple[str | int, ...] = tuple(first["loc"])
-        reason = first["msg"]
-        cause = first.get("ctx", {}).get("error")
-        if isinstance(cause, _PathError):
-            loc, reason = cause.loc, cause.reason
-        elif reason.startswith("Value error, "):
-            reason = reason.removeprefix("Value error, ")
-        # pydantic puts the union member's tag in the path; users never wrote it.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p in _STEP_TAGS))
-        raise PolicyError(source, _format_loc(loc), reason) from exc
+        found = problems_of(exc, Policy)
+        raise PolicyError.of(source, [(p.path, p.reason) for p in found]) from exc
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return LoadedPolicy(policy=policy, source=source, version=policy.version or digest)
-
-
-_STEP_TAGS = frozenset(
-    {"set_headers", "inject_key", "model_alias", "clamp_max_tokens", "system_message", "http_hook"}
-)
 
 
 def load_policy(path: str | Path | None = None) -> LoadedPolicy:

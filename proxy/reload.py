@@ -23,10 +23,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from proxy import logs
+from proxy.attempts import reconcile_targets
 from proxy.cache.factory import build_cache
-from proxy.policy import LoadedPolicy, PolicyError, parse_policy
+from proxy.policy import LoadedPolicy, Policy, PolicyError, parse_policy
 from proxy.routing import compile_policy
 from proxy.runtime import Runtime
 
@@ -76,19 +79,45 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
+    reconcile_targets(rt, snapshot)
     rt.pool.retain(new.upstreams)  # sessions for replaced upstreams close once idle
     if cache is not None:
         # Lookups already in the old lane end as misses; its pending writes
         # get their grace while it closes in the background.
         rt.retire_cache(rt.cache)
         rt.cache = cache
-    if old.listen != new.listen:
         logs.event(
-            "reload kept old settings",
-            logging.WARNING,
-            section="listen",
-            reason="takes effect on restart",
+            "reload rebuilt cache",
+            reason="cache settings changed; the new cache starts empty",
+            old=cache_settings(old),
+            new=cache_settings(new),
         )
+    for section in ("listen", "admin"):
+        if getattr(old, section) != getattr(new, section):
+            logs.event(
+                "reload kept old settings",
+                logging.WARNING,
+                section=section,
+                reason="takes effect on restart",
+            )
+
+
+def cache_settings(policy: Policy) -> dict[str, Any]:
+    """The cache's settings for a log line: `cache` and `stages.cache`, and
+    never a password (only `password_env`'s name; one in the URL is masked)."""
+    settings = policy.cache.model_dump(mode="json")
+    settings["url"] = _masked(settings["url"])
+    settings["stage"] = policy.stages.cache.model_dump(mode="json")
+    return settings
+
+
+def _masked(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}***@{host}").geturl()
 
 
 class Reloader:

@@ -6,6 +6,10 @@ or its own buffer passing the high-water mark). While nothing arrives it
 sends an SSE comment now and then so idle timeouts on the hops between
 never cut a long wait for the first token.
 
+The log goes out in pieces of about `write_high_water`, and every wait on
+the caller's socket is bounded (`proxy.backpressure`): a caller that stops
+reading is dropped alone; the stream and its other readers go on.
+
 A reader of the other mode than the upstream answered in gets the answer
 converted at this edge (`proxy.convert`): a non-stream reader of a stream
 gets the assembled object; a streaming reader of a plain answer (live or
@@ -16,6 +20,7 @@ the whole answer is there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,11 +30,13 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
+from proxy.backpressure import drain_within, write_deadline
 from proxy.cache.base import CachedAnswer
 from proxy.convert import PlainAnswer
 from proxy.errors import ProxyError, UpstreamBroken
-from proxy.headers import SERVED_BY, Served
+from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, Served
 from proxy.intake import Intake
+from proxy.policy import StreamSettings
 from proxy.rechunk import Rechunked
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream, frame_events
@@ -54,8 +61,6 @@ def error_response(
 ) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    if served is not None:
-        headers[SERVED_BY] = served
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 
@@ -90,16 +95,28 @@ def restreamed_response(
 class SSEOut:
     """One caller's SSE response: its writer, transport and cursor."""
 
-    __slots__ = ("reader", "response", "writer")
+    __slots__ = ("reader", "response", "write_timeout", "writer")
 
-    def __init__(self, response: web.StreamResponse, writer: StreamWriter, wants_usage: bool):
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        writer: StreamWriter,
+        wants_usage: bool,
+        write_timeout: float,
+    ):
         self.response = response
         self.writer = writer
         self.reader = PushReader(writer.transport, wants_usage)
+        self.write_timeout = write_timeout
 
     @classmethod
     async def start(
-        cls, request: web.Request, head: Head, intake: Intake, served: Served
+        cls,
+        request: web.Request,
+        head: Head,
+        intake: Intake,
+        served: Served,
+        settings: StreamSettings,
     ) -> SSEOut:
         headers = _headers(head.headers, intake, served)
         headers.popall("content-length", None)
@@ -108,31 +125,55 @@ class SSEOut:
         response.enable_chunked_encoding()
         writer = await response.prepare(request)
         assert isinstance(writer, StreamWriter)
+        transport = writer.transport
+        if transport is not None:
+            # The connection pauses where fan-out stops pushing to it, so a
+            # drain waits exactly until the caller has taken the excess.
+            transport.set_write_buffer_limits(high=settings.write_high_water)
         # Our frames go straight to the transport, so the headers must go first.
         writer.send_headers()
-        out = cls(response, writer, intake.wants_usage)
+        out = cls(response, writer, intake.wants_usage, settings.write_timeout)
         trail = trail_of(request)
         if trail is not None:
             trail.reader, trail.first_byte_at = out.reader, time.perf_counter()
         return out
 
-    async def catch_up(self, stream: Stream) -> None:
-        """Write the log from this reader's cursor to its current end."""
+    def replay(self, stream: Stream) -> bool:
+        """Write the log from this reader's cursor, never waiting: True once
+        caught up, False when the caller's socket is full and must drain.
+
+        Pieces of about `write_high_water`, so the buffer never holds much
+        more than that beyond what the socket took; a late joiner to a small
+        backlog still costs one write.
+        """
         reader = self.reader
         transport = reader.transport
-        end = len(stream.events)
-        if reader.cursor >= end:
-            return
-        # The whole backlog in one write: a late joiner costs one syscall.
-        frame = frame_events(stream.events[reader.cursor : end], reader.wants_usage)
-        reader.cursor = end
-        if not frame:
-            return
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
-        transport.write(frame)
-        if transport.get_write_buffer_size() > stream.settings.write_high_water:
-            await self.writer.drain()
+        events = stream.events
+        high_water = stream.settings.write_high_water
+        while reader.cursor < len(events):
+            buffered = transport.get_write_buffer_size()
+            if buffered > high_water:
+                return False
+            start = stop = reader.cursor
+            end = len(events)
+            room = max(high_water - buffered, 1)
+            size = 0
+            while stop < end and size < room:
+                size += len(events[stop].raw)
+                stop += 1
+            frame = frame_events(events[start:stop], reader.wants_usage)
+            reader.cursor = stop
+            if frame:
+                transport.write(frame)
+        return True
+
+    async def catch_up(self, stream: Stream) -> None:
+        """Write the log from this reader's cursor to its current end, waiting
+        for the caller's socket (at most `write_timeout` each time) when full."""
+        while not self.replay(stream):
+            await drain_within(self.writer, self.write_timeout)
 
     async def follow(self, stream: Stream) -> None:
         keepalive = stream.settings.keepalive_interval
@@ -175,11 +216,11 @@ class SSEOut:
         transport.write(frame)
 
     async def end(self, error: ProxyError | None = None) -> None:
-        if error is not None:
-            transport = self.reader.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(chunk_frame(error.sse_event()))
-        await self.response.write_eof()
+        transport = self.reader.transport
+        if error is not None and transport is not None and not transport.is_closing():
+            transport.write(chunk_frame(error.sse_event()))
+        async with write_deadline(transport, self.write_timeout):
+            await self.response.write_eof()
 
 
 class StreamReply:
@@ -204,13 +245,17 @@ class StreamReply:
 
     async def replay_backlog(self) -> None:
         """When the stream is already flowing, start this caller's SSE and
-        write what was logged so far."""
+        hand its socket what it takes of the log at once, never waiting."""
         stream, intake = self._stream, self._intake
         if intake.wants_stream and stream.head.done() and stream.head.exception() is None:
             head = stream.head.result()
             if head.is_sse and head.status < 300:
-                self._out = await SSEOut.start(self._request, head, intake, self._served)
-                await self._out.catch_up(stream)
+                self._out = await SSEOut.start(
+                    self._request, head, intake, self._served, stream.settings
+                )
+                # What the socket takes now; `run` writes the rest with no
+                # slot held, so a caller that stops reading holds none.
+                self._out.replay(stream)
 
     async def run(
         self, setup: Callable[[StreamReply], Awaitable[None]] | None = None
@@ -220,10 +265,15 @@ class StreamReply:
                 await setup(self)
             return await self._write()
         except ProxyError as exc:
-            if self._out is not None:
+            if self._out is None:
+                response = error_response(exc, self._intake.request_id, self._served)
+                attempts = self._stream.attempts
+                if attempts:  # the tries that all failed, as the head would have said
+                    response.headers[ATTEMPTS_HEADER] = str(len(attempts))
+                return response
+            with contextlib.suppress(ConnectionResetError):
                 await self._out.end(exc)
-                return self._out.response
-            return error_response(exc, self._intake.request_id, self._served)
+            return self._out.response
         except ConnectionResetError:
             # The caller went away mid-stream; only this reader leaves. Nobody
             # reads what we return; 499 is what access logs call it.
@@ -258,9 +308,9 @@ class StreamReply:
             )
         if intake.wants_stream:
             if self._out is None:
-                self._out = await SSEOut.start(self._request, head, intake, served)
+                self._out = await SSEOut.start(self._request, head, intake, served, stream.settings)
             await self._out.follow(stream)
-            await self._out.response.write_eof()
+            await self._out.end()
             return self._out.response
         await asyncio.shield(stream.finished)
         body = None if stream.assembly is None else stream.assembly.body()
@@ -281,7 +331,7 @@ class StreamReply:
         stream, intake = self._stream, self._intake
         base: CIMultiDict[str] = CIMultiDict({"Content-Type": _SSE_CONTENT_TYPE})
         out = self._out = await SSEOut.start(
-            self._request, Head(200, base, is_sse=True), intake, self._served
+            self._request, Head(200, base, is_sse=True), intake, self._served, stream.settings
         )
         interval = stream.settings.keepalive_interval
         await out.keep_alive_until(stream.head, interval)

@@ -2,8 +2,8 @@
 
 Built once per (re)load from a validated `LoadedPolicy`; each request reads
 one `Snapshot` and keeps it, so a reload never changes a request mid-way.
-Everything that can fail (a missing key variable) fails here, at load time,
-as a PolicyError naming the file and path.
+Everything that can fail (a missing key or password variable) fails here,
+at load time, as one PolicyError naming the file and every path.
 """
 
 from __future__ import annotations
@@ -15,10 +15,29 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
+from proxy.cache.factory import cache_problems
 from proxy.endpoint import Endpoint, endpoint_of
 from proxy.headers import Headers, upstream_request_headers
 from proxy.policy import LoadedPolicy, PolicyError, Route, Upstream
 from proxy.prepare import HookClient, MissingSecret, PrepareStep, Secret, build_step
+from proxy.retry import RetryRules
+from proxy.targets import Strategy, target_label
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTarget:
+    """One of a route's targets: where an attempt goes and what it changes."""
+
+    upstream_name: str
+    model: str | None
+    weight: float
+    upstream: Upstream
+    upstream_key: Secret | None  # from the upstream's api_key_env
+    label: str
+
+    @property
+    def id(self) -> tuple[str, str | None]:
+        return (self.upstream_name, self.model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +47,13 @@ class CompiledRoute:
     pattern: re.Pattern[str]
     methods: frozenset[str] | None
     steps: tuple[PrepareStep, ...]
+    # The first target's: what the key and the relay use, whichever target answers.
     upstream_name: str
     upstream: Upstream
     upstream_key: Secret | None  # from the upstream's api_key_env
+    targets: tuple[CompiledTarget, ...]
+    strategy: Strategy
+    retry: RetryRules
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -68,6 +91,8 @@ def compile_policy(
 ) -> Snapshot:
     env = dict(os.environ) if environ is None else environ
     policy = loaded.policy
+    # Every problem at once; the cache's too, so `check` fails where `serve` would.
+    problems: list[tuple[str, str]] = []
     keys: dict[str, Secret | None] = {}
     for name, upstream in policy.upstreams.items():
         if upstream.api_key_env is None:
@@ -75,10 +100,11 @@ def compile_policy(
             continue
         value = env.get(upstream.api_key_env)
         if not value:
-            raise PolicyError(
-                loaded.source,
-                f"upstreams.{name}.api_key_env",
-                f"environment variable {upstream.api_key_env} is not set",
+            problems.append(
+                (
+                    f"upstreams.{name}.api_key_env",
+                    f"environment variable {upstream.api_key_env} is not set",
+                )
             )
         keys[name] = Secret(f"Bearer {value}")
     routes = []
@@ -88,10 +114,19 @@ def compile_policy(
             try:
                 steps.append(build_step(step, env, client))
             except MissingSecret as exc:
-                raise PolicyError(
-                    loaded.source, f"routes[{index}].prepare[{step_index}].env", str(exc)
-                ) from exc
+                problems.append((f"routes[{index}].prepare[{step_index}].env", str(exc)))
         methods = frozenset(m.upper() for m in route.match.methods) if route.match.methods else None
+        targets = tuple(
+            CompiledTarget(
+                t.upstream,
+                t.model,
+                t.weight,
+                policy.upstreams[t.upstream],
+                keys[t.upstream],
+                target_label(t.upstream, t.model),
+            )
+            for t in route.target_list
+        )
         routes.append(
             CompiledRoute(
                 index=index,
@@ -99,9 +134,17 @@ def compile_policy(
                 pattern=re.compile(fnmatch.translate(route.match.path)),
                 methods=methods,
                 steps=tuple(steps),
-                upstream_name=route.upstream,
-                upstream=policy.upstreams[route.upstream],
-                upstream_key=keys[route.upstream],
+                upstream_name=targets[0].upstream_name,
+                upstream=targets[0].upstream,
+                upstream_key=targets[0].upstream_key,
+                targets=targets,
+                strategy=route.strategy,
+                retry=RetryRules.compile(
+                    route.retry, len(targets), policy.stages.upstream.queue_timeout
+                ),
             )
         )
+    problems.extend(cache_problems(policy, env))
+    if problems:
+        raise PolicyError.of(loaded.source, problems)
     return Snapshot(loaded=loaded, routes=tuple(routes))

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from proxy.convert import Assembly, PlainAnswer
 from proxy.errors import ProxyError
 from proxy.policy import StreamSettings
+from proxy.retry import Attempt
 from proxy.sse import chunk_frame
 
 
@@ -104,6 +105,7 @@ class Stream:
     pump: asyncio.Task[None] | None = None  # set once, by the runtime that owns the task
     created_at: float = 0.0
     first_event_at: float | None = None  # perf_counter at the first append, for TTFB
+    attempts: list[Attempt] = field(default_factory=list)  # the pump's tries, before the head
     _push: set[PushReader] = field(default_factory=set)
 
     def __post_init__(self) -> None:

@@ -24,19 +24,26 @@ _SIZE_SCALE = {
 }
 
 
+DURATION_FORMS = "a number with ms, s, m or h (250ms, 5s, 2m, 1h), or a bare number of seconds"
+SIZE_FORMS = (
+    "a number with KiB, MiB, GiB (powers of 1024) or KB, MB, GB (powers of 1000), "
+    "or a bare number of bytes"
+)
+
+
 def parse_duration(value: object) -> float:
     """Seconds from `250ms`, `5s`, `2m`, `1h` or a bare number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 250ms, 5s or 2m")
+        raise ValueError(f"expected a duration: {DURATION_FORMS}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         match = _DURATION.match(value)
         if match is None:
-            raise ValueError(f"invalid duration {value!r}; use a number with ms, s, m or h")
+            raise ValueError(f"invalid duration {value!r}; use {DURATION_FORMS}")
         seconds = float(match.group(1)) * _DURATION_SCALE[match.group(2)]
     else:
-        raise ValueError("expected a duration such as 250ms, 5s or 2m")
+        raise ValueError(f"expected a duration: {DURATION_FORMS}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -45,16 +52,16 @@ def parse_duration(value: object) -> float:
 def parse_size(value: object) -> int:
     """Bytes from `512`, `64KiB`, `10MiB`, `1GiB` (or the decimal KB/MB/GB)."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 64KiB or 10MiB")
+        raise ValueError(f"expected a size: {SIZE_FORMS}")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str):
         match = _SIZE.match(value)
         if match is None:
-            raise ValueError(f"invalid size {value!r}; use a number with B, KiB, MiB or GiB")
+            raise ValueError(f"invalid size {value!r}; use {SIZE_FORMS}")
         size = int(float(match.group(1)) * _SIZE_SCALE[match.group(2)])
     else:
-        raise ValueError("expected a size such as 64KiB or 10MiB")
+        raise ValueError(f"expected a size: {SIZE_FORMS}")
     if size < 0:
         raise ValueError("a size cannot be negative")
     return size

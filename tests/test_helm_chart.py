@@ -40,11 +40,13 @@ RELEASE = "ci"
 NAMESPACE = "llm"
 PROXY = "llm-sidecar"  # the proxy container's name
 EXPECTED_SCENARIOS = {
+    "admin",
     "standalone",
     "sidecar-native",
     "sidecar-plain",
     "redis-secret",
     "servicemonitor",
+    "cross-replica",
 }
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in CHART.glob("ci/*-values.yaml"))
 
@@ -271,6 +273,7 @@ def test_objects_validate_against_kubernetes(rendered: dict[str, list[Obj]], sce
 def test_kinds_per_scenario(rendered: dict[str, list[Obj]]) -> None:
     kinds = {s: sorted(d["kind"] for d in docs) for s, docs in rendered.items()}
     assert kinds == {
+        "admin": ["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
         "standalone": sorted(
             ["ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
         ),
@@ -278,6 +281,7 @@ def test_kinds_per_scenario(rendered: dict[str, list[Obj]]) -> None:
         "sidecar-plain": ["ConfigMap", "Deployment"],
         "redis-secret": ["ConfigMap", "Deployment", "Secret", "Service"],
         "servicemonitor": ["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
+        "cross-replica": ["ConfigMap", "Deployment", "Secret"],
     }
 
 
@@ -295,7 +299,18 @@ def test_a_password_in_the_redis_url_is_rejected(helm: Helm) -> None:
         "--set",
         "cache.redis.url=redis://:hunter2@redis:6379/0",
     )
-    assert "/cache/redis/url" in stderr
+    # In words: what form is expected and where the password goes, not a regex;
+    # and the password itself is not echoed back.
+    assert "cache.redis.url: no password in the URL" in stderr
+    assert "cache.redis.password.existingSecret" in stderr
+    assert "hunter2" not in stderr and "pattern" not in stderr
+
+
+def test_a_redis_url_of_another_scheme_is_explained(helm: Helm) -> None:
+    stderr = helm.template_error(
+        "--set", "cache.backend=redis", "--set", "cache.redis.url=http://redis:6379"
+    )
+    assert "cache.redis.url: expected redis://host:6379/0" in stderr
 
 
 # ---- the app's contract: policy, ports, probes -----------------------------
@@ -312,7 +327,8 @@ def test_policy_is_accepted_by_the_app_with_the_pods_env(
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(policy_text(docs))
     for _, spec in pod_specs(docs):
-        env = {"PATH": os.environ.get("PATH", "")}
+        # PYTHONPATH too, so a worktree's proxy/ is the one checked, not the venv's install.
+        env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH") if k in os.environ}
         env.update({e["name"]: "placeholder" for e in proxy_of(spec).get("env", [])})
         cli = Path(sys.executable).with_name("llm-sidecar")
         result = subprocess.run(
@@ -343,7 +359,12 @@ def test_probes_ports_and_policy_mount(rendered: dict[str, list[Obj]], scenario:
         assert option(args, "--host") == "0.0.0.0"
         port = int(option(args, "--port"))
         assert port == policy.listen.port == 8080
-        assert [p["containerPort"] for p in proxy["ports"]] == [port]
+        # With an admin listener the probes go there: the API port answers them 404.
+        admin = policy.admin
+        probed = port if admin is None else admin.port
+        ports = [port] if admin is None else [port, admin.port]
+        assert [p["containerPort"] for p in proxy["ports"]] == ports
+        assert admin is None or admin.host == "0.0.0.0", "the kubelet probes from outside the pod"
         probes = {
             "startupProbe": "/readyz",
             "readinessProbe": "/readyz",
@@ -352,7 +373,7 @@ def test_probes_ports_and_policy_mount(rendered: dict[str, list[Obj]], scenario:
         for probe, path in probes.items():
             get = proxy[probe]["httpGet"]
             assert get["path"] == path, probe
-            assert port_number(proxy, get["port"]) == port, probe
+            assert port_number(proxy, get["port"]) == probed, probe
         # The policy file lives in a directory mount of the ConfigMap, not a
         # subPath (a subPath mount never sees ConfigMap updates).
         policy_path = Path(option(args, "--policy"))
@@ -467,9 +488,27 @@ def test_standalone_service_hpa_and_pdb_select_the_pods(rendered: dict[str, list
 
 def test_service_monitor_only_when_enabled(rendered: dict[str, list[Obj]]) -> None:
     for scenario, docs in rendered.items():
-        assert bool(find(docs, "ServiceMonitor")) == (scenario == "servicemonitor")
+        assert bool(find(docs, "ServiceMonitor")) == (scenario in ("servicemonitor", "admin"))
     monitor = one(rendered["servicemonitor"], "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_admin_listener_takes_metrics_and_probes(
+    helm: Helm, rendered: dict[str, list[Obj]]
+) -> None:
+    docs = rendered["admin"]
+    policy = policy_of(docs)
+    assert policy.admin is not None and policy.admin.port == 9090
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert endpoint["port"] == "admin" and ports["admin"]["port"] == 9090
+    [(_, spec)] = pod_specs(docs)
+    assert port_number(proxy_of(spec), ports["admin"]["targetPort"]) == 9090
+    # Without a ServiceMonitor the admin port stays off the Service.
+    plain = helm.template("--set", "admin.enabled=true")
+    assert [p["name"] for p in one(plain, "Service")["spec"]["ports"]] == ["http"]
+    stderr = helm.template_error("--set", "admin.enabled=true", "--set", "admin.port=8080")
+    assert "admin.port must differ from port" in stderr
 
 
 # ---- secrets ---------------------------------------------------------------
@@ -694,3 +733,139 @@ def test_default_values_render_and_validate(helm: Helm) -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     assert one(docs, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_the_standalone_networkpolicy_example_selects_the_proxy_pods(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """docs/kubernetes.md's NetworkPolicy is valid and its selector matches the
+    chart's pods (the docs install with release name llm-sidecar, these tests ci)."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    block = docs.split("**Restrict who can call it.**")[1].split("```yaml\n")[1].split("```")[0]
+    policy = yaml.safe_load(block)
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    selector = dict(policy["spec"]["podSelector"]["matchLabels"])
+    assert selector.pop("app.kubernetes.io/instance") == "llm-sidecar"
+    [(template, _)] = pod_specs(rendered["standalone"])
+    labels = template["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == RELEASE
+    assert selector.items() <= labels.items()
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+
+
+def test_notes_tell_callers_to_pass_a_placeholder_key(helm: Helm, tmp_path: Path) -> None:
+    notes = _render_notes(helm, tmp_path, "-f", str(CHART / "ci/standalone-values.yaml"))
+    assert 'api_key="unused"' in notes  # the SDK refuses to build a client without a key
+    assert "NetworkPolicy" in notes
+
+
+# ---- cross-replica coalescing and Redis Cluster ----------------------------
+
+
+def test_cross_replica_settings_reach_the_policy(rendered: dict[str, list[Obj]]) -> None:
+    docs = rendered["cross-replica"]
+    policy = policy_of(docs)
+    assert (policy.cache.mode, policy.cache.url) == (
+        "cluster",
+        "redis://redis-cluster.cache.svc.cluster.local:6379",
+    )
+    cluster = policy.cluster
+    assert cluster.coalesce_across_replicas
+    assert (cluster.url, cluster.mode) == (
+        "rediss://coalesce.cache.svc.cluster.local:6380/0",
+        "single",
+    )
+    assert (cluster.lease, cluster.stream_ttl, cluster.timeout) == (3.0, 30.0, 0.2)
+    assert cluster.max_stream_bytes == 16 * 1024 * 1024
+    # Both passwords by reference: the cache's from the Secret you manage,
+    # the coordination Redis's from the Secret the chart created.
+    [(_, spec)] = pod_specs(docs)
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in proxy_of(spec)["env"]}
+    assert policy.cache.password_env is not None and cluster.password_env is not None
+    assert env[policy.cache.password_env] == {"name": "redis-cluster", "key": "redis-password"}
+    secret = one(docs, "Secret")
+    assert env[cluster.password_env] == {
+        "name": secret["metadata"]["name"],
+        "key": "cluster-redis-password",
+    }
+    assert base64.b64decode(secret["data"]["cluster-redis-password"]) == b"ci-cluster-password-3333"
+
+
+def test_without_the_feature_the_policy_has_no_cluster_block(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    for scenario, docs in rendered.items():
+        if scenario != "cross-replica":
+            assert "cluster" not in yaml.safe_load(policy_text(docs)), scenario
+            assert not policy_of(docs).cluster.coalesce_across_replicas
+
+
+def test_cross_replica_shares_the_cache_redis_by_default(helm: Helm) -> None:
+    docs = helm.template(
+        "-f",
+        CHART / "ci" / "redis-secret-values.yaml",
+        "--set",
+        "cluster.coalesceAcrossReplicas=true",
+        "--set",
+        "cache.redis.mode=cluster",
+    )
+    policy = policy_of(docs)
+    assert policy.cluster.coalesce_across_replicas and policy.cluster.url is None
+    assert policy.cache.mode == "cluster"
+    assert "cluster-redis-password" not in one(docs, "Secret")["data"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["cluster.coalesceAcrossReplicas=true"],
+            "cluster.coalesceAcrossReplicas needs a Redis shared by the replicas",
+        ),
+        (
+            ["cluster.redis.password.value=hunter2"],
+            "cluster.redis.password applies to cluster.redis.url",
+        ),
+        (
+            ["cluster.coalesceAcrossReplicas=true", "cluster.redis.url=redis://:hunter2@r:6379"],
+            "cluster.redis.url: no password in the URL",
+        ),
+        (
+            ["cache.backend=redis", "cache.redis.url=redis://r:6379/2", "cache.redis.mode=cluster"],
+            "cache.redis.url: a Redis Cluster is reached over TCP and has only database 0",
+        ),
+        (
+            [
+                "cluster.coalesceAcrossReplicas=true",
+                "cluster.redis.url=unix:///run/redis.sock",
+                "cluster.redis.mode=cluster",
+            ],
+            "cluster.redis.url: a Redis Cluster is reached over TCP",
+        ),
+        (["cluster.redis.mode=sharded"], "don't meet the specifications of the schema"),
+    ],
+)
+def test_cross_replica_mistakes_are_refused_in_words(
+    helm: Helm, settings: list[str], message: str
+) -> None:
+    stderr = helm.template_error(*(arg for setting in settings for arg in ("--set", setting)))
+    assert message in stderr
+    assert "hunter2" not in stderr
+
+
+def test_the_docs_cross_replica_example_renders_the_policy_they_show(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """docs/kubernetes.md's values for sharing one Redis render, with this
+    chart, exactly the cache and cluster sections the page shows next to them."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = docs.split("## Many sidecars, one Redis")[1]
+    values_block, policy_block = (part.split("```")[0] for part in section.split("```yaml\n")[1:3])
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(yaml.safe_load(values_block)["llm-sidecar"]))
+    rendered = yaml.safe_load(policy_text(helm.template("-f", values)))
+    shown = yaml.safe_load(policy_block)
+    assert {k: rendered[k] for k in ("cache", "cluster")} == {
+        "cache": {**shown["cache"], "max_bytes": "128MiB", "timeout": "200ms"},
+        "cluster": shown["cluster"],
+    }

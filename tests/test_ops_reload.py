@@ -9,6 +9,7 @@ file wins; no request fails along the way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from dataclasses import replace
@@ -218,7 +219,7 @@ async def test_the_watch_follows_a_configmap_swap(
 
 
 async def test_reload_swaps_the_cache_when_its_settings_change(
-    fake: FakeUpstream, start_proxy: StartProxy
+    fake: FakeUpstream, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     from proxy.policy import parse_policy
     from proxy.reload import apply_policy
@@ -238,9 +239,15 @@ async def test_reload_swaps_the_cache_when_its_settings_change(
         same = parse_policy(yaml.safe_dump(policy), "same.yaml")
         apply_policy(rt, same)
         assert rt.cache is old  # nothing changed: the warm cache stays
+        caplog.set_level(logging.INFO, logger="llm_sidecar.lifecycle")
+        assert not [r for r in caplog.records if r.msg == "reload rebuilt cache"]
         changed = merge(policy, {"cache": {"max_bytes": "1MiB"}})
         apply_policy(rt, parse_policy(yaml.safe_dump(changed), "changed.yaml"))
         assert rt.cache is not old
+        [rebuilt] = [r for r in caplog.records if r.msg == "reload rebuilt cache"]
+        fields = rebuilt.fields  # type: ignore[attr-defined]
+        assert (fields["old"]["max_bytes"], fields["new"]["max_bytes"]) == (256 * 2**20, 2**20)
+        assert fields["new"]["stage"] == {"workers": 32, "max_queue": 1024}
         await until(lambda: not rt.retiring)
         # The new, empty cache misses once, then serves hits again.
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "lead"
@@ -248,3 +255,17 @@ async def test_reload_swaps_the_cache_when_its_settings_change(
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
     stats = old.stats()
     assert stats is not None and stats.in_lane == 0
+
+
+def test_cache_settings_in_a_log_line_never_show_a_password() -> None:
+    from proxy.policy import parse_policy
+    from proxy.reload import cache_settings
+
+    policy = {
+        "upstreams": {"a": {"base_url": "http://x/v1"}},
+        "cache": {"backend": "redis", "url": "redis://app:s3cret@redis:6379/0"},
+        "routes": [{"match": {"path": "/v1/*"}, "upstream": "a"}],
+    }
+    settings = cache_settings(parse_policy(yaml.safe_dump(policy), "p.yaml").policy)
+    assert settings["url"] == "redis://app:***@redis:6379/0"
+    assert "s3cret" not in repr(settings)

@@ -151,7 +151,9 @@ async def _raw(
         return response.status, CIMultiDict(response.headers), await response.read()
 
 
-def _error(body: bytes) -> dict[str, Any]:
+def _error(body: bytes, headers: CIMultiDict[str] | None = None) -> dict[str, Any]:
+    if headers is not None:  # an answer the proxy made itself says so
+        assert headers["x-llm-sidecar"] == "error"
     error = orjson.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
@@ -162,10 +164,10 @@ async def test_body_over_limit_is_413_without_reading_it(
 ) -> None:
     proxy = await start_proxy({"limits": {"max_body_bytes": "1KiB"}})
     big = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]})
-    status, _, body = await _raw(
+    status, headers, body = await _raw(
         f"{proxy.base_url}/chat/completions", data=big, headers={"Content-Type": "application/json"}
     )
-    assert status == 413 and _error(body)["code"] == "request_too_large"
+    assert status == 413 and _error(body, headers)["code"] == "request_too_large"
 
     async def chunked() -> AsyncIterator[bytes]:
         for _ in range(10):
@@ -180,14 +182,21 @@ async def test_body_over_limit_is_413_without_reading_it(
 
 
 async def test_malformed_json_is_400(fake: FakeUpstream, proxy: RunningProxy) -> None:
-    status, _, body = await _raw(
+    status, headers, body = await _raw(
         f"{proxy.base_url}/chat/completions",
         data=b"{not json",
         headers={"Content-Type": "application/json"},
     )
-    assert status == 400 and _error(body)["type"] == "invalid_request_error"
+    assert status == 400 and _error(body, headers)["type"] == "invalid_request_error"
     status, _, _ = await _raw(f"{proxy.base_url}/chat/completions", data=b"[1, 2]")
     assert status == 400
+    assert fake.total_calls == 0
+
+
+async def test_no_route_is_404_from_the_proxy(fake: FakeUpstream, proxy: RunningProxy) -> None:
+    # Every policy ends with a "/v1/*" catch-all; the bare "/v1" is outside it.
+    status, headers, body = await _raw(f"{proxy.base_url}", "GET")
+    assert status == 404 and _error(body, headers)["code"] == "not_found"
     assert fake.total_calls == 0
 
 
@@ -200,18 +209,18 @@ async def test_unreachable_upstream_is_502(start_proxy: StartProxy) -> None:
         )
         for path, method in (("/chat/completions", "POST"), ("/models", "GET")):
             data = orjson.dumps({"model": "m", "messages": []}) if method == "POST" else None
-            status, _, body = await _raw(f"{proxy.base_url}{path}", method, data)
-            assert status == 502 and _error(body)["code"] == "upstream_unavailable"
+            status, headers, body = await _raw(f"{proxy.base_url}{path}", method, data)
+            assert status == 502 and _error(body, headers)["code"] == "upstream_unavailable"
     await wait_idle(proxy.runtime)
 
 
 async def test_no_headers_in_time_is_504(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     proxy = await start_proxy({"upstreams": {"fake": {"first_byte_timeout": "300ms"}}})
     fake.settings = replace(fake.settings, header_delay=2.0)
-    status, _, body = await _raw(
+    status, headers, body = await _raw(
         f"{proxy.base_url}/chat/completions", data=orjson.dumps({"model": "m", "messages": []})
     )
-    assert status == 504 and _error(body)["code"] == "upstream_timeout"
+    assert status == 504 and _error(body, headers)["code"] == "upstream_timeout"
     await wait_idle(proxy.runtime)
 
 

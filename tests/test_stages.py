@@ -127,6 +127,7 @@ async def test_queue_overflow_answers_exactly_the_excess_with_429(
     assert all(r[0] == 200 for r in results if r[0] != 429)
     for _, headers, body in rejected:
         assert int(headers["Retry-After"]) >= 1
+        assert headers["x-llm-sidecar"] == "error"  # not "lead": the proxy answered itself
         assert orjson.loads(body)["error"]["code"] == "proxy_queue_full"
     await wait_idle(proxy.runtime)
 
@@ -149,6 +150,7 @@ async def test_queue_timeout_answers_503(
         assert (await held)[0] == 200
     assert status == 503
     assert "Retry-After" in headers
+    assert headers["x-llm-sidecar"] == "error"
     error = orjson.loads(body)["error"]
     assert error["code"] == "proxy_queue_timeout" and set(error) == {
         "message",

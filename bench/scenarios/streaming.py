@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import plots
-from bench.common import Context, Section, median, num, percentile
+from bench.common import Context, Section, added_cost, added_text, median, num, percentile
 from bench.procs import Server
 from bench.servers import sidecar_policy
 from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream, session
@@ -33,11 +33,19 @@ class Cell:
         return [t for t in self.timings if t.ok and t.events == EVENTS]
 
     def ttfe(self, q: float = 50) -> float:
-        return percentile([t.ttfe for t in self.ok], q)
+        return percentile(self.ttfes, q)
+
+    @property
+    def ttfes(self) -> list[float]:
+        return [t.ttfe for t in self.ok]
 
     @property
     def per_event(self) -> float:
-        return median([(t.last_at - t.first_at) / (t.events - 1) for t in self.ok])
+        return median(self.per_events)
+
+    @property
+    def per_events(self) -> list[float]:
+        return [(t.last_at - t.first_at) / (t.events - 1) for t in self.ok]
 
     @property
     def gap_p99(self) -> float:
@@ -104,9 +112,9 @@ async def run(ctx: Context) -> Section:
                     pace,
                     name,
                     num(cell.ttfe() * 1000, 3),
-                    "—" if name == "direct" else num((cell.ttfe() - direct.ttfe()) * 1000, 3),
+                    "—" if name == "direct" else added_text(*_added(cell, direct, "ttfe"), 3, 1e3),
                     num(cell.per_event * 1000, 4),
-                    "—" if name == "direct" else num((cell.per_event - direct.per_event) * 1e6, 1),
+                    "—" if name == "direct" else added_text(*_added(cell, direct, "event"), 1, 1e6),
                     num(cell.gap_p99 * 1000, 3),
                     str(cell.failed),
                 ]
@@ -123,17 +131,19 @@ async def run(ctx: Context) -> Section:
     unpaced = "unpaced"
 
     def added(pace: str, name: str, what: str) -> float:
-        cell, base = cells[(pace, name)], cells[(pace, "direct")]
-        if what == "ttfe":
-            return (cell.ttfe() - base.ttfe()) * 1000
-        return (cell.per_event - base.per_event) * 1e6
+        diff, _ = _added(cells[(pace, name)], cells[(pace, "direct")], what)
+        return diff * (1e3 if what == "ttfe" else 1e6)
+
+    def shown(name: str, what: str) -> str:
+        diff, noise = _added(cells[(unpaced, name)], cells[(unpaced, "direct")], what)
+        text = added_text(diff, noise, *((3, 1e3) if what == "ttfe" else (1, 1e6)))
+        return text if text in ("n/a", "within noise") else f"{text} {_UNIT[what]}"
 
     section.headline.append(
         "Streaming (200 events, c=1, unpaced): added TTFE "
-        f"bare relay {added(unpaced, 'bare relay', 'ttfe'):.3f} ms, "
-        f"llm-sidecar {added(unpaced, 'llm-sidecar', 'ttfe'):.3f} ms; added cost per event "
-        f"bare relay {added(unpaced, 'bare relay', 'event'):.1f} µs, "
-        f"llm-sidecar {added(unpaced, 'llm-sidecar', 'event'):.1f} µs."
+        f"bare relay {shown('bare relay', 'ttfe')}, llm-sidecar {shown('llm-sidecar', 'ttfe')}; "
+        f"added cost per event bare relay {shown('bare relay', 'event')}, "
+        f"llm-sidecar {shown('llm-sidecar', 'event')}."
     )
     section.notes.append(
         "Paced TTFE includes waking idle processes: between paced events every process on "
@@ -154,3 +164,13 @@ async def run(ctx: Context) -> Section:
         )
     )
     return section
+
+
+_UNIT = {"ttfe": "ms", "event": "µs"}
+
+
+def _added(cell: Cell, direct: Cell, what: str) -> tuple[float, float]:
+    """The hop's added TTFE or per-event time (seconds) and its noise."""
+    if what == "ttfe":
+        return added_cost(cell.ttfes, direct.ttfes)
+    return added_cost(cell.per_events, direct.per_events)

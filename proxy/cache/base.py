@@ -39,6 +39,8 @@ class CacheStats:
     store_ok: int
     store_errors: int  # writes that raised or timed out
     store_dropped: int  # writes not attempted: write bound reached or breaker open
+    store_oversize: int  # answers over max_entry_bytes: served, not written
+    store_timeouts: int  # writes past their deadline (also in store_errors; not a fault)
     breaker_opened: int  # times the breaker opened
     breaker_state: BreakerState
     in_lane: int  # lookups admitted and not yet finished (queued or in a worker)

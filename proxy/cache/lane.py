@@ -10,8 +10,13 @@ may make a request faster, never fail it. The lane takes no stage slot.
 
 `store` never awaits: it starts a write task that the lane owns, bounded in
 number (writes past the bound are dropped, not queued), each bounded by
-`timeout`. `close` lets pending writes finish within one `timeout`, cancels
-the rest and the workers, and closes the backend.
+`timeout` plus the time its bytes take at `WRITE_BYTES_PER_SECOND`. An
+answer over `max_entry_bytes` is not written at all (it was served; it is
+counted), whatever the backend. A write that times out is no verdict on the
+backend's health: its time depends on its size, and one huge answer must
+not open the breaker for everyone (lookups, small and fixed-size, are what
+judge the backend). `close` lets pending writes finish within one
+`timeout`, cancels the rest and the workers, and closes the backend.
 
 Counters are plain ints on the lane, touched only from the event loop
 thread; `stats()` returns a frozen snapshot for the metrics exporter.
@@ -29,6 +34,18 @@ from typing import Any, Protocol, runtime_checkable
 from proxy.cache import codec
 from proxy.cache.base import CachedAnswer, CacheStats
 from proxy.cache.breaker import CircuitBreaker
+
+# The slowest transfer rate a healthy backend is expected to sustain for one
+# write; a write gets `timeout` plus its size at this rate.
+WRITE_BYTES_PER_SECOND = 32 * 1024 * 1024
+
+
+def answer_bytes(answer: CachedAnswer) -> int:
+    """The payload an entry stores: body and events (the record adds a few bytes)."""
+    size = len(answer.body) if answer.body is not None else 0
+    for event in answer.events:
+        size += len(event)
+    return size
 
 
 class Backend(Protocol):
@@ -82,6 +99,7 @@ class CacheLane:
         breaker: CircuitBreaker,
         *,
         max_writes: int | None = None,
+        max_entry_bytes: int | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -98,6 +116,7 @@ class CacheLane:
         self.timeout = timeout
         self.breaker = breaker
         self.max_writes = max_writes if max_writes is not None else workers + max_queue
+        self.max_entry_bytes = max_entry_bytes
         # The queue itself is unbounded: admission is bounded by `_in_lane`
         # instead, which also covers max_queue == 0 (asyncio's "no limit").
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -117,6 +136,8 @@ class CacheLane:
         self._store_ok = 0
         self._store_errors = 0
         self._store_dropped = 0
+        self._store_oversize = 0
+        self._store_timeouts = 0
 
     def stats(self) -> CacheStats:
         return CacheStats(
@@ -130,6 +151,8 @@ class CacheLane:
             store_ok=self._store_ok,
             store_errors=self._store_errors,
             store_dropped=self._store_dropped,
+            store_oversize=self._store_oversize,
+            store_timeouts=self._store_timeouts,
             breaker_opened=self.breaker.opened,
             breaker_state=self.breaker.state,
             in_lane=self._in_lane,
@@ -244,6 +267,10 @@ class CacheLane:
     def store(self, key: str, answer: CachedAnswer, ttl: float) -> asyncio.Task[None] | None:
         if self._closed or ttl <= 0:
             return None
+        size = answer_bytes(answer)
+        if self.max_entry_bytes is not None and size > self.max_entry_bytes:
+            self._store_oversize += 1
+            return None
         if self._inline is not None:
             try:
                 self._inline.set_now(key, answer, ttl)
@@ -252,27 +279,37 @@ class CacheLane:
             else:
                 self._store_ok += 1
             return None
-        return self._spawn_write(self.backend.set(key, answer, ttl))
+        return self._spawn_write(self.backend.set(key, answer, ttl), size)
 
-    def _spawn_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    def _spawn_write(
+        self, write: Coroutine[Any, Any, None], size: int = 0
+    ) -> asyncio.Task[None] | None:
         if self._closed or len(self._writes) >= self.max_writes or self.breaker.refusing():
             write.close()  # never awaited: close it so no warning is raised
             self._store_dropped += 1
             return None
-        task = asyncio.create_task(self._write(write))
+        deadline = asyncio.get_running_loop().time() + self.timeout + size / WRITE_BYTES_PER_SECOND
+        task = asyncio.create_task(self._write(write, deadline))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         return task
 
-    async def _write(self, write: Coroutine[Any, Any, None]) -> None:
+    async def _write(self, write: Coroutine[Any, Any, None], deadline: float) -> None:
         permit = self.breaker.allow()
         if permit is None:
             write.close()
             self._store_dropped += 1
             return
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 await write
+        except TimeoutError:
+            # Slow is not sick: how long a write takes depends on its size.
+            # The connection it used is dropped (redis-py disconnects on
+            # cancellation), and the lookups decide the backend's health.
+            self._store_errors += 1
+            self._store_timeouts += 1
+            self.breaker.release(permit)
         except Exception:
             self._store_errors += 1
             self.breaker.record(permit, False)

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -62,12 +62,18 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
 }
 
 
+def header_knobs() -> dict[str, str]:
+    """Each `x-fake-*` request header and the `FakeSettings` field it overrides."""
+    return {header: name for header, (name, _) in _HEADER_FIELDS.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
     method: str
     path: str
     headers: dict[str, str]  # lowercased names; repeated headers joined with ", "
     body: bytes
+    target: str = ""  # the request-target as it arrived: path and query, still encoded
 
 
 def _canonical_raw(raw: bytes) -> bytes:
@@ -77,7 +83,9 @@ def _canonical_raw(raw: bytes) -> bytes:
         return raw  # not a JSON object: counted by its exact bytes
 
 
-def _error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def _error_response(
+    status: int, message: str, code: str | None = None, settings: FakeSettings | None = None
+) -> web.Response:
     kind = "requests" if status == 429 else "server_error" if status >= 500 else None
     if status == 429:
         code = code or "rate_limit_exceeded"
@@ -93,6 +101,10 @@ def _error_response(status: int, message: str, code: str | None = None) -> web.R
     if status == 429:
         headers["Retry-After"] = "1"
         headers["x-ratelimit-remaining-requests"] = "0"
+    if settings is not None and settings.retry_after is not None:
+        headers["Retry-After"] = settings.retry_after
+    if settings is not None and settings.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(settings.retry_after_ms)
     return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
@@ -115,6 +127,7 @@ class FakeUpstream:
         self.calls_by_path: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
+        self.errors_sent = 0  # error_status answers, counted for error_times
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -146,6 +159,7 @@ class FakeUpstream:
         self.calls.clear()
         self.calls_by_path.clear()
         self.requests.clear()
+        self.errors_sent = 0
         self.disconnects = 0
 
     # -- lifetime
@@ -222,7 +236,9 @@ class FakeUpstream:
         for name, value in request.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.requests.append(RecordedRequest(request.method, request.path, headers, raw))
+        self.requests.append(
+            RecordedRequest(request.method, request.path, headers, raw, request.raw_path)
+        )
         post = self._posts.get(request.path) if request.method == "POST" else None
         if post is not None:
             self.calls[_canonical_raw(raw)] += 1
@@ -259,10 +275,12 @@ class FakeUpstream:
         refused = refusal(body, settings)
         if refused is not None:
             raise refused
-        if settings.error_status is not None:
+        times = settings.error_times
+        if settings.error_status is not None and (times is None or self.errors_sent < times):
+            self.errors_sent += 1  # counted before any wait, so concurrent calls see it
             await self._hold_whole()
             status = settings.error_status
-            return _error_response(status, f"The fake upstream answers {status}.")
+            return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
 
     def _get(self, request: web.Request) -> web.Response:
@@ -361,6 +379,8 @@ class FakeUpstream:
         drop = settings.drop_after
         try:
             await response.prepare(request)
+            if settings.endless is not None:
+                await self._endless(response, settings, events)
             for number, event in enumerate(events if drop is None else events[:drop]):
                 delay = settings.ttft if number == 0 else settings.token_delay
                 if delay > 0:
@@ -375,6 +395,24 @@ class FakeUpstream:
             self.disconnects += 1
         return response
 
+    async def _endless(
+        self, response: web.StreamResponse, settings: FakeSettings, events: list[bytes]
+    ) -> NoReturn:
+        """The first events, then a content event (or one line) forever;
+        `hold_after` counts its writes as events."""
+        if settings.endless == "line":
+            head, piece = b"data: ", b"x" * 65536
+        else:
+            head, piece = b"".join(events[:2]), events[1]
+        await self._hold(0)
+        await response.write(head)
+        for number in itertools.count(1):
+            # sleep(0) still yields: a test's proxy shares this loop.
+            await asyncio.sleep(settings.token_delay)
+            await self._hold(number)
+            await response.write(piece)
+        raise AssertionError("unreachable")
+
     async def _whole(
         self, request: web.Request, settings: FakeSettings, events: int, payload: JSON
     ) -> web.StreamResponse:
@@ -383,9 +421,21 @@ class FakeUpstream:
         if delay > 0:
             await asyncio.sleep(delay)
         await self._hold_whole()
+        if settings.endless is not None:
+            await _endless_body(request, settings)
         if settings.drop_after is not None:
             _abort(request)
         return _json(request, payload)
+
+
+async def _endless_body(request: web.Request, settings: FakeSettings) -> NoReturn:
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"object": "list", "data": [')
+    piece = b"0, " * 16384
+    while True:
+        await asyncio.sleep(settings.token_delay)
+        await response.write(piece)
 
 
 def _abort(request: web.Request) -> None:

@@ -19,24 +19,97 @@ import sys
 import threading
 
 from proxy.testing.fake_answers import FakeSettings
-from proxy.testing.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream, header_knobs
 
 __all__ = ["main"]
 
 
+# What each setting does, for --help; the same words describe the matching
+# x-fake-* request header, so the two can never disagree.
+SETTING_HELP = {
+    "tokens": "content tokens per answer (default: %(default)s)",
+    "token_delay": "seconds between two stream events (default: %(default)s)",
+    "ttft": "seconds after the response headers before the first event (default: %(default)s)",
+    "header_delay": "seconds before sending the response headers at all (default: %(default)s)",
+    "error_status": "answer every completion, embedding and response POST with this "
+    "status (400-599) and an OpenAI-style error body, e.g. 429 or 500 (default: off)",
+    "error_times": "with --status: only the first N such POSTs get the error, later ones "
+    "answer normally (default: every one)",
+    "retry_after": "the Retry-After header on error answers, seconds or an HTTP date "
+    '(default: "1" on a 429, none otherwise)',
+    "retry_after_ms": "the retry-after-ms header on error answers, as OpenAI sends it "
+    "(default: none)",
+    "token_padding": "characters added to every content token, for large answers "
+    "(default: %(default)s)",
+    "endless": "never end: `events` streams events forever (a plain body: bytes forever), "
+    "`line` streams one line that never ends (default: off)",
+    "drop_after": "streams only: cut the connection after N events, mid-stream (default: off)",
+    "require_key": "answer 401 unless the request has `Authorization: Bearer KEY` "
+    "(default: any key, or none, is accepted)",
+    "embedding_dims": "length of each embedding vector (default: %(default)s)",
+    "refuse": "answer 400 as an upstream that cannot stream does: `stream` refuses "
+    "`stream: true`, `stream_options` refuses a body with stream_options (default: off)",
+}
+_FLAGS = {"error_status": "--status", "require_key": "--require-key"}
+_TEXT_SETTINGS = frozenset({"require_key", "retry_after", "endless", "refuse"})
+_METAVARS = {
+    "endless": "events|line",
+    "refuse": "stream|stream_options",
+    "require_key": "KEY",
+    "retry_after": "S|DATE",
+    "retry_after_ms": "MS",
+}
+
+
+def _epilog() -> str:
+    lines = [
+        "Per-request knobs: these request headers override the flags above for one",
+        "request (numbers; the proxy relays them upstream like any other header):",
+    ]
+    for header, name in header_knobs().items():
+        lines.append(f"  {header:<22} {_FLAGS.get(name, '--' + name.replace('_', '-'))}")
+    lines += [
+        "",
+        "Control endpoints (never under /v1, so the proxy never relays them):",
+        "  GET  /_fake/stats      calls received: total, by path, in flight",
+        "  POST /_fake/reset      forget the calls received",
+        '  POST /_fake/settings   change settings live: a JSON object, e.g. {"ttft": 2}',
+        "",
+        "Serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and",
+        "/v1/responses (stream and not), and GET /v1/models.",
+    ]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llm-sidecar fake-upstream", description="Run the fake OpenAI-compatible upstream."
+        prog="llm-sidecar fake-upstream",
+        description="Run a fake OpenAI-compatible upstream, for trying the proxy without\n"
+        "spending tokens and for tests and benchmarks. Answers are deterministic:\n"
+        "the same request gets the same text.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--tokens", type=int, default=8)
-    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between events")
-    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first event")
-    parser.add_argument("--header-delay", type=float, default=0.0)
-    parser.add_argument("--require-key", default=None)
+    defaults = FakeSettings()
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=9000, help="listen port (default: %(default)s)")
+    for name, text in SETTING_HELP.items():
+        default = getattr(defaults, name)
+        kind = str if name in _TEXT_SETTINGS else type(default) if default is not None else int
+        parser.add_argument(
+            _FLAGS.get(name, "--" + name.replace("_", "-")),
+            dest=name,
+            type=float if kind is float else kind,
+            default=default,
+            metavar=_METAVARS.get(name, "N"),
+            help=text,
+        )
     parser.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes sharing the port with SO_REUSEPORT (default: %(default)s)",
     )
     return parser
 
@@ -44,13 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = FakeSettings(
-            tokens=args.tokens,
-            token_delay=args.token_delay,
-            ttft=args.ttft,
-            header_delay=args.header_delay,
-            require_key=args.require_key,
-        )
+        settings = FakeSettings(**{name: getattr(args, name) for name in SETTING_HELP})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
