@@ -118,6 +118,9 @@ class Stream:
 
     def open(self, head: Head) -> None:
         self.state = "open"
+        if head.body is not None:
+            # A whole body is a plain call's log: it counts toward the join cap.
+            self.size += len(head.body)
         if not self.head.done():
             self.head.set_result(head)
 

@@ -356,3 +356,34 @@ async def test_an_upstream_error_reaches_a_kept_alive_reader_as_an_error_event(
     assert led.value.body == followed.value.body == straight.value.body
     assert fake.total_calls == 2
     await wait_idle(proxy.runtime)
+
+
+async def test_a_plain_answer_past_the_log_cap_is_not_joined_after_it_ends(
+    fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    # A plain call's body is its log: past stream.max_log_bytes, a repeat that
+    # comes while the answer is being written makes its own call, as it would
+    # for a streamed answer. Redis writes are held back (reads go through) so
+    # the ended stream stays in the table until the repeat has chosen.
+    policy = _cache_policy("redis", redis_server)
+    policy["cache"]["timeout"] = "10s"
+    policy["stream"] = {"max_log_bytes": "1KiB"}
+    proxy = await start_proxy(policy)
+    fake.settings = replace(fake.settings, token_padding=256)
+    url = proxy.base_url + PATHS["chat"]
+    admin = aioredis.Redis(port=redis_server.port)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            async with session.post(url, json=BODIES["chat"]) as first:
+                assert first.status == 200 and first.headers["x-llm-sidecar"] == "lead"
+                assert len(await first.read()) > 1024
+            async with session.post(url, json=BODIES["chat"]) as second:
+                assert second.status == 200 and second.headers["x-llm-sidecar"] == "lead"
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+    assert fake.total_calls == 2
+    await wait_idle(proxy.runtime)
