@@ -27,11 +27,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import aiohttp
-import orjson
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyError, UpstreamBroken, UpstreamIdle, UpstreamTimeout
@@ -96,7 +96,7 @@ async def call_with_retries(
     path: str,
     query: str,
     headers: CIMultiDict[str],
-    body: dict[str, Any],
+    body: Callable[[str | None], bytes],
 ) -> Opened:
     """Open the upstream response, retrying before the head; each try lands in `stream.attempts`.
 
@@ -353,11 +353,12 @@ def _headers_for(
     return out
 
 
-def _payload(target: CompiledTarget, body: dict[str, Any], done: dict[str | None, bytes]) -> bytes:
+def _payload(
+    target: CompiledTarget, body: Callable[[str | None], bytes], done: dict[str | None, bytes]
+) -> bytes:
     data = done.get(target.model)
     if data is None:
-        rewritten = body if target.model is None else {**body, "model": target.model}
-        data = done[target.model] = orjson.dumps(rewritten)
+        data = done[target.model] = body(target.model)
     return data
 
 

@@ -88,13 +88,14 @@ class StageLimiter:
         if self.observer is not None:
             self.observer(StageEvent(self.name, holder, kind, time.monotonic()))
 
-    async def acquire(self, holder: str = "") -> None:
+    async def acquire(self, holder: str = "") -> bool:
+        """Take a slot; True when it had to queue for it (time passed meanwhile)."""
         if self._in_use < self._max_concurrency and not self._waiters:
             self._in_use += 1
             self.free_acquired += 1
             if self.observer is not None:
                 self._note(holder, "acquire")
-            return
+            return False
         if len(self._waiters) >= self._max_queue:
             self._note(holder, "reject")
             raise QueueFull(self.name, retry_after=self._queue_timeout or 1.0)
@@ -120,6 +121,7 @@ class StageLimiter:
         self._note(holder, "acquire")
         if self.on_wait is not None:
             self.on_wait(self.name, time.monotonic() - started)
+        return True
 
     def release(self, holder: str = "") -> None:
         self._in_use -= 1
@@ -138,7 +140,8 @@ class StageLimiter:
                 self._in_use += 1
 
     def slot(self, holder: str = "") -> Slot:
-        """`async with limiter.slot(holder):` holds one slot for the block."""
+        """`async with limiter.slot(holder) as queued:` holds one slot for the block;
+        `queued` says whether the holder had to queue for it."""
         return Slot(self, holder)
 
 
@@ -155,7 +158,7 @@ class Slot:
         self._limiter = limiter
         self._holder = holder
 
-    def __aenter__(self) -> Coroutine[Any, Any, None]:
+    def __aenter__(self) -> Coroutine[Any, Any, bool]:
         # The acquire coroutine itself is what `async with` awaits: one frame fewer.
         return self._limiter.acquire(self._holder)
 

@@ -190,9 +190,19 @@ async def test_a_failure_after_the_first_event_is_not_retried(
     finally:
         await client.close()
     async with aiohttp.ClientSession() as session:
-        status, headers, body = await post(
-            session, f"{proxy.base_url}/chat/completions", chat("cut too")
-        )
+        # A plain call cut before its head is retried (nothing reached a reader);
+        # this one streams, is cut after its first events, and its non-stream
+        # follower gets the stream's error.
+        fake.hold_after = 0
+        url = f"{proxy.base_url}/chat/completions"
+        leader = asyncio.create_task(post(session, url, chat("cut too", stream=True)))
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+        follower = asyncio.create_task(post(session, url, chat("cut too")))
+        await until(lambda: sum(s.readers for s in proxy.runtime.table) == 2)
+        fake.release.set()
+        await leader
+        status, headers, body = await follower
     assert status == 502  # a non-stream reader gets the stream's error
     assert orjson.loads(body)["error"]["code"] == "upstream_stream_error"
     assert headers[ATTEMPTS] == "1"

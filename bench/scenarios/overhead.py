@@ -4,7 +4,8 @@ wrk drives `distinct.lua` (a new prompt per request) at 1 and 16
 connections against the fake upstream directly and through each hop:
 nginx (proxy_pass with upstream keepalive), the bare aiohttp relay,
 llm-sidecar on the default policy as shipped (access log on, memory cache:
-every request is a miss that is looked up, coalesced, answered and cached),
+every request is a miss that is looked up, coalesced, relayed as a plain
+call and cached),
 the same with the access log off ("quiet") and, in full runs, LiteLLM's
 proxy and Portkey's gateway. Each round also runs a fixed number of
 requests per hop (`counted.lua`) and reads the CPU time the hop process

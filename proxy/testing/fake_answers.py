@@ -40,6 +40,7 @@ __all__ = [
     "plan_chat",
     "plan_completion",
     "plan_response",
+    "refusal",
     "response_events",
     "response_object",
     "sse",
@@ -73,6 +74,9 @@ class FakeSettings:
     # answer: its body) without end; "line" sends a stream that is one line
     # (`data: xxx...`), never ended.
     endless: str | None = None
+    # "stream": 400 for `stream: true` (a model that may not stream); "stream_options":
+    # 400 for a body with `stream_options` (older Azure api-versions).
+    refuse: str | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -90,6 +94,8 @@ class FakeSettings:
             raise ValueError("embedding_dims must be at least 1")
         if self.endless not in (None, *ENDLESS):
             raise ValueError(f"endless must be one of {ENDLESS}")
+        if self.refuse not in (None, "stream", "stream_options"):
+            raise ValueError("refuse must be 'stream' or 'stream_options'")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -106,6 +112,7 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "embedding_dims": int,
     "token_padding": int,
     "endless": str,
+    "refuse": str,
 }
 _OPTIONAL_FIELDS = frozenset(
     {
@@ -116,6 +123,7 @@ _OPTIONAL_FIELDS = frozenset(
         "drop_after",
         "require_key",
         "endless",
+        "refuse",
     }
 )
 ENDLESS = ("events", "line")
@@ -476,6 +484,15 @@ def sse_typed(payload: JSON) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def refusal(body: JSON, settings: FakeSettings) -> Reject | None:
+    """What an upstream that cannot stream, or knows no `stream_options`, answers."""
+    if settings.refuse == "stream_options" and "stream_options" in body:
+        return Reject(400, "Unrecognized request argument supplied: stream_options")
+    if settings.refuse == "stream" and body.get("stream") is True:
+        return Reject(400, "This model does not support streaming.", "unsupported_value")
+    return None
 
 
 def usage_requested(body: JSON) -> bool:

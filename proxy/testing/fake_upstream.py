@@ -41,6 +41,7 @@ from proxy.testing.fake_answers import (
     plan_chat,
     plan_completion,
     plan_response,
+    refusal,
     response_events,
     response_object,
     sse,
@@ -287,6 +288,9 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
+        refused = refusal(body, settings)
+        if refused is not None:
+            raise refused
         if settings.error_status is not None and self._errs(settings, request, key):
             # Counted before any wait, so concurrent calls see it.
             self.errors_sent += 1

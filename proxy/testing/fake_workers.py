@@ -48,11 +48,14 @@ SETTING_HELP = {
     "require_key": "answer 401 unless the request has `Authorization: Bearer KEY` "
     "(default: any key, or none, is accepted)",
     "embedding_dims": "length of each embedding vector (default: %(default)s)",
+    "refuse": "answer 400 as an upstream that cannot stream does: `stream` refuses "
+    "`stream: true`, `stream_options` refuses a body with stream_options (default: off)",
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
-_TEXT_SETTINGS = frozenset({"require_key", "retry_after", "endless"})
+_TEXT_SETTINGS = frozenset({"require_key", "retry_after", "endless", "refuse"})
 _METAVARS = {
     "endless": "events|line",
+    "refuse": "stream|stream_options",
     "require_key": "KEY",
     "retry_after": "S|DATE",
     "retry_after_ms": "MS",
