@@ -5,9 +5,16 @@ runs inside the upstream slot the pump already holds, so a retry is not a
 new call for the stage limit and followers keep waiting on the same
 stream. It tries the route's targets per its strategy and retry rules
 (`proxy.retry`, `proxy.targets`), counts each try against the target's
-health (`proxy.outliers`) and the retry budget, and returns the response
-the pump should relay: an answer, an error not worth retrying, or the last
-retryable failure once the attempts, the budget or the targets run out.
+health (`proxy.outliers`), and returns the response the pump should relay:
+an answer, an error not worth retrying, or the last retryable failure once
+the attempts, the budget or the healthy targets run out.
+
+What bounds the load (Envoy's split between a retry budget and outlier
+detection): a first try at another healthy target is a fallback, bounded
+by health, since an ejected target is skipped; going back to a target that
+already failed for this call is a retry, which waits a backoff (or the
+target's Retry-After) and spends from the retry budget. A target whose
+every peer is ejected gets one try, never a tour of the ejected ones.
 
 It never touches the stream's head, which is what makes a retry safe: no
 reader has seen a byte yet. The request key does not depend on the target,
@@ -20,18 +27,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import aiohttp
-import orjson
 from multidict import CIMultiDict
 
-from proxy.errors import ProxyError, UpstreamTimeout
+from proxy.errors import ProxyError, UpstreamBroken, UpstreamIdle, UpstreamTimeout
 from proxy.headers import CREDENTIAL_HEADERS
 from proxy.policy import Upstream
 from proxy.retry import (
+    BROKEN,
     CONNECT_ERROR,
+    IDLE_TIMEOUT,
     TIMEOUT,
     Attempt,
     RetryState,
@@ -48,16 +57,36 @@ from proxy.upstream import open_upstream, upstream_url
 
 log = logging.getLogger("llm_sidecar.attempts")
 
+# Refusals after which the caller's SDK must not retry either: the proxy's
+# own rules (budget, health) said no, and a client retry would only add load.
+_FINAL_REFUSALS = frozenset({"budget", "ejected"})
+
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    """The response the pump relays, and the settings of the target that sent it."""
+    """The response the pump relays, and the target that sent it."""
 
     response: aiohttp.ClientResponse
-    upstream: Upstream  # its idle timeout applies to the body
+    target: CompiledTarget  # its upstream's idle timeout and bounds apply to the body
     # The answering target's session lease: exit it once the response is
     # released, so a session a reload replaced closes after its last call.
     lease: contextlib.ExitStack
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.target.upstream
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """The next attempt: which target, after how long, and whether it spends budget."""
+
+    index: int
+    wait: float
+    # A retry onto a target that already failed for this call, which is
+    # what multiplies load in an outage; a first try at another healthy
+    # target is bounded by health (ejection) instead.
+    budgeted: bool
 
 
 async def call_with_retries(
@@ -67,7 +96,7 @@ async def call_with_retries(
     path: str,
     query: str,
     headers: CIMultiDict[str],
-    body: dict[str, Any],
+    body: Callable[[str | None], bytes],
 ) -> Opened:
     """Open the upstream response, retrying before the head; each try lands in `stream.attempts`.
 
@@ -78,7 +107,9 @@ async def call_with_retries(
     """
     state = rt.retries
     index = _pick(state, route, None)
+    assert index is not None  # a first try always gets a target
     payloads: dict[str | None, bytes] = {}  # the body per model rewrite, serialised once
+    tried: set[int] = set()  # targets that failed for this call
     waited = 0.0
     retrying = False  # whether this call holds a retry budget token
     try:
@@ -104,15 +135,22 @@ async def call_with_retries(
                     state.budget.release()
                     retrying = False
                 try:
+                    retry_after = _retry_after(route, response)
                     _record(rt, stream, route, target, response, error, started, waited)
-                    following = _next(rt, route, index, response, len(stream.attempts))
-                    if following is None or not _spend(rt, route):
+                    _pause(rt, target, retry_after)
+                    tried.add(index)
+                    done = len(stream.attempts)
+                    step = _next(rt, route, index, response, retry_after, tried, done)
+                    if isinstance(step, _Step) and step.budgeted and not _spend(rt, route):
+                        step = "budget"
+                    if isinstance(step, str):
+                        _final(rt, stream, response, step)
                         if response is not None:
-                            return Opened(response, target.upstream, lease.pop_all())
+                            return Opened(response, target, lease.pop_all())
                         assert error is not None
                         raise error
-                    retrying = True
-                    rt.metrics.retries.inc()
+                    retrying = step.budgeted
+                    rt.metrics.retried()
                     if response is not None:
                         # aiohttp closes it, not pools it, if the body is unread.
                         response.release()
@@ -120,7 +158,7 @@ async def call_with_retries(
                     if response is not None:
                         response.close()
                     raise
-            index, waited = following
+            index, waited = step.index, step.wait
             if waited > 0:
                 await asyncio.sleep(waited)
     finally:
@@ -129,13 +167,38 @@ async def call_with_retries(
 
 
 def _spend(rt: Runtime, route: CompiledRoute) -> bool:
-    """Take a retry budget token, or count the refusal."""
+    """Take a retry budget token."""
     rules = route.retry
     active = rt.stages.upstream.stats().in_use  # this call's own slot included
-    if rt.retries.budget.try_acquire(active, rules.budget_percent, rules.min_retry_concurrency):
-        return True
-    rt.metrics.retries_refused.labels("budget").inc()
-    return False
+    return rt.retries.budget.try_acquire(active, rules.budget_percent, rules.min_retry_concurrency)
+
+
+def _final(
+    rt: Runtime, stream: Stream, response: aiohttp.ClientResponse | None, reason: str
+) -> None:
+    """The last attempt's outcome stands; `reason`: why a retryable one was not retried
+    ("" when it was not retryable: an answer, or the caller's own fault)."""
+    if reason:
+        rt.metrics.retry_refused(reason)
+    if response is not None and response.status < 400:
+        return
+    if len(stream.attempts) > 1 or reason in _FINAL_REFUSALS:
+        stream.retries_spent = True  # whatever the status: the SDK retries any 5xx
+
+
+def _retry_after(route: CompiledRoute, response: aiohttp.ClientResponse | None) -> float | None:
+    if response is None or response.status not in route.retry.on_status:
+        return None
+    return parse_retry_after(response.headers)
+
+
+def _pause(rt: Runtime, target: CompiledTarget, retry_after: float | None) -> None:
+    """A target that asked for a pause is skipped that long (at most `max_eject_for`)."""
+    if retry_after:
+        upstream = target.upstream
+        seconds = min(retry_after, max(upstream.max_eject_for, upstream.eject_for))
+        state = rt.retries
+        state.outliers.paused(target.id, upstream, state.clock(), seconds)
 
 
 def _record(
@@ -157,26 +220,51 @@ def _record(
     )
     rt.metrics.upstream_call(route.index, status)
     rt.metrics.attempt(target.label, status if status is not None else kind or CONNECT_ERROR)
+    # An answer clears the target's record only once its body is whole (`body_done`).
+    if is_failure(status):
+        _failed(rt, target)
+
+
+def _failed(rt: Runtime, target: CompiledTarget) -> None:
+    """Count a failure against `target`; eject it past its upstream's threshold."""
     state = rt.retries
-    if not is_failure(status):
-        if status != 429:  # the upstream pacing us says nothing about its health
-            state.outliers.succeeded(target.id)
-        return
-    rules = route.retry
+    upstream = target.upstream
     ejected = state.outliers.failed(
         target.id,
-        target.upstream,
+        upstream,
         state.clock(),
-        eject_after=rules.eject_after,
-        eject_for=rules.eject_for,
-        max_eject_for=rules.max_eject_for,
+        eject_after=upstream.eject_after,
+        eject_for=upstream.eject_for,
+        max_eject_for=max(upstream.max_eject_for, upstream.eject_for),
     )
     if ejected:
-        rt.metrics.ejections.labels(target.label).inc()
+        rt.metrics.ejected(target.label)
         if log.isEnabledFor(logging.WARNING):
             view = state.outliers.view(target.id, state.clock())
             fields = {"target": target.label, **asdict(view)}
             log.warning("target ejected", extra={"fields": fields})
+
+
+def body_done(rt: Runtime, opened: Opened) -> None:
+    """The answer's body was read whole: an answer under 500 (not a 429) clears the record."""
+    status = opened.response.status
+    if is_failure(status) or status == 429:
+        return  # a failure counted at its head; a 429 neither counts nor clears
+    restored = rt.retries.outliers.succeeded(opened.target.id)
+    if restored is not None and restored.ejections and log.isEnabledFor(logging.INFO):
+        fields = {"target": opened.target.label, "ejections": restored.ejections}
+        log.info("target restored", extra={"fields": fields})
+
+
+def body_failed(rt: Runtime, stream: Stream, opened: Opened, error: UpstreamBroken) -> None:
+    """The answer's body stalled or broke after its head: too late to retry, but it
+    was the target's failure, on the access line and in its health."""
+    if type(error) not in (UpstreamBroken, UpstreamIdle):
+        return  # a bound of ours (size, duration) says nothing about the target's health
+    if stream.attempts:
+        kind = IDLE_TIMEOUT if isinstance(error, UpstreamIdle) else BROKEN
+        stream.attempts[-1] = replace(stream.attempts[-1], error=kind)
+    _failed(rt, opened.target)
 
 
 def _next(
@@ -184,33 +272,35 @@ def _next(
     route: CompiledRoute,
     index: int,
     response: aiohttp.ClientResponse | None,
+    retry_after: float | None,
+    tried: set[int],
     done: int,
-) -> tuple[int, float] | None:
-    """The next target's index and the wait before it, or None: this outcome is final."""
+) -> _Step | str:
+    """The next attempt, or why this outcome is final ("" when it is not a retryable one)."""
     rules = route.retry
     status = None if response is None else response.status
-    retry_after = None
-    if response is not None and response.status in rules.on_status:
-        retry_after = parse_retry_after(response.headers)
     decision = decide(status, retry_after, done, rules)
     if decision.kind == "stop":
-        _refused(rt, decision.reason)
-        return None
+        return decision.reason
     if rt.draining:  # shutting down: no new work for the upstream
-        _refused(rt, "draining")
-        return None
+        return "draining"
     state = rt.retries
-    target = route.targets[index]
-    if decision.kind == "same" and not state.outliers.is_ejected(target.id, state.clock()):
-        return index, decision.wait
-    following = _pick(state, route, index)
+    # A target that said when to come back is judged as of then.
+    following = _pick(state, route, index, decision.wait if decision.kind == "same" else 0.0)
+    if following is None:
+        if decision.kind == "other":
+            return decision.reason  # it asked for longer than we wait, and no one else is left
+        return "ejected"  # every target is ejected: the one try was the least recently failed
     if following != index:
-        return following, 0.0  # another target: no reason to wait
-    if decision.kind in ("same", "next"):
-        wait = decision.wait if decision.kind == "same" else _backoff(state, route, done)
-        return index, wait
-    _refused(rt, decision.reason)
-    return None
+        if following not in tried:
+            return _Step(following, 0.0, budgeted=False)  # another healthy target, at once
+        # Wrapped around to a target that failed already: back off first.
+        return _Step(following, _backoff(state, route, done), budgeted=True)
+    if decision.kind == "same":
+        return _Step(index, decision.wait, budgeted=True)
+    if decision.kind == "next":
+        return _Step(index, _backoff(state, route, done), budgeted=True)
+    return decision.reason  # its Retry-After is too long and no other target is left
 
 
 def _backoff(state: RetryState, route: CompiledRoute, done: int) -> float:
@@ -218,27 +308,27 @@ def _backoff(state: RetryState, route: CompiledRoute, done: int) -> float:
     return backoff_delay(done - 1, rules.backoff, rules.max_retry_wait, state.rng)
 
 
-def _refused(rt: Runtime, reason: str) -> None:
-    if reason:
-        rt.metrics.retries_refused.labels(reason).inc()
-
-
-def _pick(state: RetryState, route: CompiledRoute, failed: int | None) -> int:
+def _pick(
+    state: RetryState, route: CompiledRoute, failed: int | None, wait: float = 0.0
+) -> int | None:
+    """The target to try: a first try when `failed` is None, else after `failed`
+    failed (judged `wait` seconds from now). None: none is worth another try."""
     targets = route.targets
-    if len(targets) == 1:
-        return 0
     outliers = state.outliers
-    if failed is None and not outliers.tracking:
+    if failed is None and (len(targets) == 1 or not outliers.tracking):
         # Nothing anywhere is failing, the usual case: skip the health lists
         # (`choose` answers the same when every target is healthy).
-        if route.strategy == "fallback":
+        if route.strategy == "fallback" or len(targets) == 1:
             return 0
         return weighted(range(len(targets)), [t.weight for t in targets], state.rng)
     now = state.clock()
     return choose(
         route.strategy,
         [t.weight for t in targets],
-        [outliers.is_ejected(t.id, now) for t in targets],
+        [
+            outliers.is_ejected(t.id, now + wait if i == failed else now)
+            for i, t in enumerate(targets)
+        ],
         [outliers.last_failure(t.id) for t in targets],
         state.rng,
         failed,
@@ -263,11 +353,12 @@ def _headers_for(
     return out
 
 
-def _payload(target: CompiledTarget, body: dict[str, Any], done: dict[str | None, bytes]) -> bytes:
+def _payload(
+    target: CompiledTarget, body: Callable[[str | None], bytes], done: dict[str | None, bytes]
+) -> bytes:
     data = done.get(target.model)
     if data is None:
-        rewritten = body if target.model is None else {**body, "model": target.model}
-        data = done[target.model] = orjson.dumps(rewritten)
+        data = done[target.model] = body(target.model)
     return data
 
 

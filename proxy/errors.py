@@ -119,6 +119,10 @@ class UpstreamBroken(ProxyError):
     code = "upstream_stream_error"
 
 
+class UpstreamIdle(UpstreamBroken):
+    """The upstream sent nothing for longer than its `idle_timeout`."""
+
+
 class UpstreamTooLarge(UpstreamBroken):
     """The upstream's response passed `max_response_bytes`."""
 

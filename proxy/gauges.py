@@ -21,8 +21,7 @@ from proxy.runtime import Runtime
 def watch(rt: Runtime) -> None:
     """Read `rt` at scrape time and time its stage waits."""
     rt.metrics.registry.register(RuntimeCollector(rt))
-    for limiter in rt.stages.all():
-        limiter.on_wait = rt.metrics.stage_waited
+    rt.metrics.time_stages(rt.stages.all())
 
 
 class RuntimeCollector(Collector):

@@ -37,6 +37,7 @@ class Intake:
     route: CompiledRoute
     endpoint: Endpoint  # chosen once here; later stages never look at the path for it
     body: dict[str, Any]  # parsed once
+    raw: bytes  # the body as the caller sent it: what goes upstream unless prepared
     key: str
     wants_stream: bool
     wants_usage: bool
@@ -180,6 +181,7 @@ def coalescible_intake(
         route=route,
         endpoint=endpoint,
         body=body,
+        raw=raw,
         key=key,
         wants_stream=body.get("stream") is True,
         wants_usage=isinstance(options, dict) and options.get("include_usage") is True,

@@ -45,6 +45,14 @@ GRACE = 1.0
 STOP_MESSAGE = "llm-sidecar is shutting down: the drain timeout passed"
 
 
+class ListenError(Exception):
+    """The listening socket could not be opened: the command line says so in one line."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+
 class Lifecycle:
     def __init__(self, app: web.Application, runner: web.AppRunner, policy_path: Path) -> None:
         self._runner = runner
@@ -144,6 +152,13 @@ def _configure_logging(loaded: LoadedPolicy) -> None:
     logs.configure(loaded.policy.log, os.environ)
 
 
+async def _listen(app: web.Application, host: str, port: int, runner: web.AppRunner) -> None:
+    try:
+        await start_site(app, host, port, runner=runner)
+    except OSError as exc:  # a busy port is the operator's to fix: one line, no traceback
+        raise ListenError(host, port, exc) from exc
+
+
 async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     _configure_logging(loaded)
     app = build_app(loaded)
@@ -153,14 +168,14 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     lifecycle.install_signals()
     admin_runner: web.AppRunner | None = None
     try:
-        await start_site(app, host, port, runner=runner)
+        await _listen(app, host, port, runner)
         admin = loaded.policy.admin
         if admin is not None:
             # Its own runner: the drain closes the API listener only, so probes
             # and metrics keep answering (503 from /readyz) until the exit.
             admin_app = build_admin_app(app[RUNTIME])
             admin_runner = make_runner(admin_app, shutdown_timeout=GRACE)
-            await start_site(admin_app, admin.host, admin.port, runner=admin_runner)
+            await _listen(admin_app, admin.host, admin.port, admin_runner)
         # Everything built so far lives as long as the process: keep it out of
         # the collector's full passes, which otherwise rescan it under load.
         gc.freeze()
@@ -179,6 +194,7 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
         if admin_runner is not None:
             await admin_runner.cleanup()
     logs.event("stop")
+    logs.flush()  # the loop ends here: no timer will write what is buffered
 
 
 def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:

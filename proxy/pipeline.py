@@ -64,8 +64,10 @@ async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.Str
     settings = rt.snapshot.loaded.policy.stream
     cancel = intake.route.config.on_abandon == "cancel"
     # No await from here to the pump's start: this is the single-flight step.
+    plain = not intake.wants_stream
     stream, joined = rt.table.join_or_publish(
-        intake.key, lambda: Stream(intake.key, settings, cancel_on_abandon=cancel)
+        intake.key,
+        lambda: Stream(intake.key, settings, cancel_on_abandon=cancel, plain_call=plain),
     )
     if joined:
         return await follow(request, intake, stream, rt)

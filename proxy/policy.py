@@ -25,11 +25,26 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.headers import CREDENTIAL_HEADERS
 from proxy.policy_messages import Loc, PathError, problems_of
-from proxy.units import parse_duration, parse_size
+from proxy.units import DURATION_FORMS, parse_duration, parse_size
+
+
+def _positive_duration(value: object) -> float:
+    """A duration where 0 would fail every request (a timeout) or spin (an interval)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        raise ValueError(f"must be above 0; use {DURATION_FORMS}")
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be above 0; use {DURATION_FORMS}")
+    return seconds
+
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+Problems = list[tuple[tuple[str | int, ...], str]]  # (where in the file, why)
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
 # The caller's own request is at fault: another attempt would get the same answer.
@@ -65,15 +80,20 @@ class Admin(_Model):
 class Upstream(_Model):
     base_url: str
     api_key_env: str | None = None
-    connect_timeout: Duration = 5.0
-    first_byte_timeout: Duration = 120.0
-    idle_timeout: Duration = 60.0
+    connect_timeout: PositiveDuration = 5.0
+    first_byte_timeout: PositiveDuration = 120.0
+    idle_timeout: PositiveDuration = 60.0
     max_connections: int = Field(256, ge=1)
     # Bounds on one response, whatever the upstream sends: past any of them
     # the call ends with an error, its connection closed, nothing cached.
     max_response_bytes: Size = Field(256 * 1024 * 1024, ge=1)
     max_event_bytes: Size = Field(16 * 1024 * 1024, ge=1)
-    max_duration: Duration = Field(1800.0, gt=0)
+    max_duration: PositiveDuration = 1800.0
+    # Outlier ejection, per upstream like Envoy's per cluster: every route
+    # naming one of its targets shares that target's health and thresholds.
+    eject_after: int = Field(5, ge=1)  # failures in a row before a cool-down
+    eject_for: PositiveDuration = 30.0  # the first cool-down; doubles while it keeps failing
+    max_eject_for: PositiveDuration = 300.0  # the doubling's cap; never below eject_for
 
     @field_validator("base_url")
     @classmethod
@@ -110,6 +130,12 @@ class Breaker(_Model):
     reset_after: Duration = 5.0
 
 
+class LocalTier(_Model):
+    """An in-process copy of recent answers in front of Redis."""
+
+    max_bytes: Size = 64 * 1024 * 1024
+
+
 RedisMode = Literal["single", "cluster"]
 
 
@@ -122,9 +148,10 @@ class Cache(_Model):
     max_bytes: Size = 256 * 1024 * 1024
     # Larger answers are served but not stored (and counted), in every backend.
     max_entry_bytes: Size = 16 * 1024 * 1024
-    timeout: Duration = 0.2
+    timeout: PositiveDuration = 0.2
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
+    local_tier: LocalTier | None = LocalTier()  # redis only; null turns it off
 
     @field_validator("key_prefix")
     @classmethod
@@ -138,16 +165,16 @@ class Cache(_Model):
 
 class StreamSettings(_Model):
     max_log_bytes: Size = 16 * 1024 * 1024
-    keepalive_interval: Duration = 5.0
+    keepalive_interval: PositiveDuration = 5.0
     write_high_water: Size = 256 * 1024
     # A caller whose socket does not drain within this, once its buffer
     # passed `write_high_water`, is dropped (alone).
-    write_timeout: Duration = Field(10.0, gt=0)
+    write_timeout: PositiveDuration = 10.0
 
 
 class Reload(_Model):
     watch: bool = False
-    interval: Duration = 2.0
+    interval: PositiveDuration = 2.0
 
 
 class Shutdown(_Model):
@@ -222,7 +249,7 @@ class SystemMessage(_Model):
 class HttpHook(_Model):
     step: Literal["http_hook"]
     url: str
-    timeout: Duration = 2.0
+    timeout: PositiveDuration = 2.0
 
 
 PrepareStepConfig = Annotated[
@@ -244,26 +271,26 @@ class Target(_Model):
         return value
 
 
+def _retryable(status: int) -> int:
+    if status in NEVER_RETRIED:
+        raise ValueError(f"{status} is never retried: the request itself is at fault")
+    if not 400 <= status <= 599:
+        raise ValueError(f"{status} is not an error status (400-599)")
+    return status
+
+
+# Checked per entry, so every bad entry of a list is reported, each at its index.
+RetryStatus = Annotated[int, AfterValidator(_retryable)]
+
+
 class Retry(_Model):
-    attempts: int | None = Field(None, ge=1, le=10)  # None: one per target
-    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
+    # None: one per target, and at least 2 when the route has a retry block.
+    attempts: int | None = Field(None, ge=1, le=10)
+    on_status: tuple[RetryStatus, ...] = (429, 500, 502, 503, 504)
     backoff: Duration = 0.5
     max_retry_wait: Duration | None = None  # None: 5s, or the upstream queue timeout if lower
     budget_percent: float = Field(20.0, gt=0, le=100)
     min_retry_concurrency: int = Field(3, ge=0)
-    eject_after: int = Field(5, ge=1)
-    eject_for: Duration = 30.0
-    max_eject_for: Duration = 300.0  # the doubling's cap; never below eject_for
-
-    @field_validator("on_status")
-    @classmethod
-    def _check_statuses(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        for status in value:
-            if status in NEVER_RETRIED:
-                raise ValueError(f"{status} is never retried: the request itself is at fault")
-            if not 400 <= status <= 599:
-                raise ValueError(f"{status} is not an error status (400-599)")
-        return value
 
 
 class Route(_Model):
@@ -281,6 +308,8 @@ class Route(_Model):
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
+    # False: an answer from any target but the first is served, not cached.
+    cache_fallback: bool = True
 
     @property
     def target_list(self) -> tuple[Target, ...]:
@@ -288,9 +317,6 @@ class Route(_Model):
         if self.targets is not None:
             return self.targets
         return () if self.upstream is None else (Target(upstream=self.upstream),)
-
-
-PositiveDuration = Annotated[Duration, Field(gt=0)]
 
 
 class ClusterSettings(_Model):
@@ -414,6 +440,8 @@ class Policy(_Model):
                         f"unknown upstream {target.upstream!r} (defined: {known})",
                     )
                 )
+        problems.extend(_relay_problems(index, route))
+        problems.extend(_credential_problems(index, route))
         queue_timeout = self.stages.upstream.queue_timeout
         wait = route.retry.max_retry_wait
         if wait is not None and wait > queue_timeout:
@@ -425,6 +453,41 @@ class Policy(_Model):
                 )
             )
         return problems
+
+
+def _relay_problems(index: int, route: Route) -> Problems:
+    """A relayed route makes one call to one upstream: retry settings would be ignored."""
+    if route.coalesce:
+        return []
+    reason = "a relayed route (coalesce: false) goes to one upstream, once"
+    problems: Problems = []
+    if len(route.target_list) > 1:
+        problems.append((("routes", index, "targets"), f"{reason}: name one target"))
+    for key in ("strategy", "retry"):
+        if key in route.model_fields_set:
+            problems.append((("routes", index, key), f"{reason}: `{key}` does not apply"))
+    return problems
+
+
+def _credential_problems(index: int, route: Route) -> Problems:
+    """A route-level credential would reach every upstream the route falls back to."""
+    upstreams = sorted({target.upstream for target in route.target_list})
+    if len(upstreams) < 2:
+        return []
+    reason = (
+        f"would send one credential to every upstream of this route ({', '.join(upstreams)}); "
+        "give each upstream its own key with upstreams.NAME.api_key_env instead"
+    )
+    problems: Problems = []
+    for number, step in enumerate(route.prepare):
+        if isinstance(step, InjectKey):
+            problems.append((("routes", index, "prepare", number), f"inject_key {reason}"))
+        elif isinstance(step, SetHeaders):
+            for name in step.headers:
+                if name.lower() in CREDENTIAL_HEADERS:
+                    where = ("routes", index, "prepare", number, "headers", name)
+                    problems.append((where, f"a {name} header {reason}"))
+    return problems
 
 
 class PolicyError(Exception):

@@ -9,6 +9,12 @@ never cut a long wait for the first token.
 The log goes out in pieces of about `write_high_water`, and every wait on
 the caller's socket is bounded (`proxy.backpressure`): a caller that stops
 reading is dropped alone; the stream and its other readers go on.
+
+A reader of the other mode than the upstream answered in gets the answer
+converted at this edge (`proxy.convert`): a non-stream reader of a stream
+gets the assembled object; a streaming reader of a plain answer (live or
+cached) gets it re-chunked into the endpoint's own stream, all at once when
+the whole answer is there.
 """
 
 from __future__ import annotations
@@ -17,17 +23,21 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from proxy.backpressure import drain_within, write_deadline
 from proxy.cache.base import CachedAnswer
-from proxy.errors import ProxyError, UpstreamBroken
-from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, Served
+from proxy.convert import PlainAnswer
+from proxy.errors import ProxyError, UpstreamBroken, UpstreamMalformed
+from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, SHOULD_RETRY_HEADER, Served
 from proxy.intake import Intake
 from proxy.policy import StreamSettings
+from proxy.rechunk import Rechunked
 from proxy.sse import COMMENT_KEEPALIVE, chunk_frame
 from proxy.stream import Head, PushReader, Stream, frame_events
 from proxy.trail import trail_of
@@ -51,6 +61,7 @@ _DROP_FROM_JSON = (
     "cache-control",
     "x-accel-buffering",
 )
+_SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 
 def error_response(
@@ -70,12 +81,25 @@ def _headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiD
     return headers
 
 
-def _json_headers(base: CIMultiDict[str], intake: Intake, served: Served) -> CIMultiDict[str]:
+def _json_headers(
+    base: CIMultiDict[str], intake: Intake, served: Served, content_type: str = "application/json"
+) -> CIMultiDict[str]:
     headers = _headers(base, intake, served)
     for name in _DROP_FROM_JSON:
         headers.popall(name, None)
-    headers["Content-Type"] = "application/json"
+    headers["Content-Type"] = content_type
     return headers
+
+
+def restreamed_response(
+    status: int, base: CIMultiDict[str], intake: Intake, served: Served, events: Rechunked
+) -> web.Response:
+    """A plain answer re-chunked for a streaming reader: the whole stream in one body."""
+    headers = _json_headers(base, intake, served, _SSE_CONTENT_TYPE)
+    headers["Cache-Control"] = "no-cache"
+    skip = None if intake.wants_usage else events.usage_event
+    body = b"".join(raw for index, raw in enumerate(events.events) if index != skip)
+    return web.Response(status=status, body=body, headers=headers)
 
 
 class SSEOut:
@@ -184,6 +208,23 @@ class SSEOut:
             finally:
                 stream.unsubscribe(reader)
 
+    async def keep_alive_until(self, done: asyncio.Future[Any], interval: float) -> None:
+        """A keepalive comment every `interval` until `done` (shared: never cancelled here)."""
+        while not done.done():
+            await asyncio.wait((done,), timeout=interval)
+            if not done.done():
+                self._send(_KEEPALIVE_FRAME)
+
+    def write(self, payload: bytes) -> None:
+        """`payload` (SSE events) as one chunk."""
+        self._send(chunk_frame(payload))
+
+    def _send(self, frame: bytes) -> None:
+        transport = self.reader.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(frame)
+
     async def end(self, error: ProxyError | None = None) -> None:
         transport = self.reader.transport
         if error is not None and transport is not None and not transport.is_closing():
@@ -239,6 +280,8 @@ class StreamReply:
                 attempts = self._stream.attempts
                 if attempts:  # the tries that all failed, as the head would have said
                     response.headers[ATTEMPTS_HEADER] = str(len(attempts))
+                if self._stream.retries_spent:
+                    response.headers[SHOULD_RETRY_HEADER] = "false"
                 return response
             with contextlib.suppress(ConnectionResetError):
                 await self._out.end(exc)
@@ -250,6 +293,13 @@ class StreamReply:
 
     async def _write(self) -> web.StreamResponse:
         stream, intake, served = self._stream, self._intake, self._served
+        if intake.wants_stream and stream.plain_call and intake.endpoint.restream is not None:
+            # Nothing of a plain call arrives before the whole answer. Past one
+            # keepalive interval, start this caller's stream anyway, so idle
+            # timeouts on the hops between never cut it while it waits.
+            await asyncio.wait((stream.head,), timeout=stream.settings.keepalive_interval)
+            if not stream.head.done():
+                return await self._restream_when_whole()
         # shield: the head and the end are shared by every reader, and a
         # cancelled await (this caller leaving) would cancel them for all.
         head = await asyncio.shield(stream.head)
@@ -258,6 +308,16 @@ class StreamReply:
                 await asyncio.shield(stream.finished)
                 if stream.error is not None:
                     raise stream.error
+                if intake.wants_stream and stream.plain_call and stream.plain is not None:
+                    # A streaming reader of a plain call; a streamed call the
+                    # upstream answered in JSON reaches its readers as it is.
+                    events = stream.plain.events()
+                    if events is not None:
+                        return restreamed_response(
+                            head.status, head.headers, intake, served, events
+                        )
+                    if intake.endpoint.restream is not None:
+                        raise _no_stream_form()
             return web.Response(
                 status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
             )
@@ -268,19 +328,85 @@ class StreamReply:
             await self._out.end()
             return self._out.response
         await asyncio.shield(stream.finished)
-        if stream.assembled is None:
+        body = None if stream.assembly is None else stream.assembly.body()
+        if body is None:
+            if stream.error is None and stream.assembly is not None and stream.assembly.malformed():
+                raise UpstreamMalformed(
+                    "llm-sidecar: an event of the upstream's stream is not JSON"
+                )
             raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
         return web.Response(
-            status=head.status,
-            body=stream.assembled,
-            headers=_json_headers(head.headers, intake, served),
+            status=head.status, body=body, headers=_json_headers(head.headers, intake, served)
         )
+
+    async def _restream_when_whole(self) -> web.StreamResponse:
+        """A streaming caller of a plain call, its stream started before the answer came.
+
+        Keepalives until the whole answer is there, then all of its events
+        at once. Its status is committed (200), so an error the upstream
+        answered meanwhile reaches it as an error event, as a mid-stream
+        error would: the upstream's own error object when it sent one.
+        """
+        stream, intake = self._stream, self._intake
+        base: CIMultiDict[str] = CIMultiDict({"Content-Type": _SSE_CONTENT_TYPE})
+        out = self._out = await SSEOut.start(
+            self._request, Head(200, base, is_sse=True), intake, self._served, stream.settings
+        )
+        interval = stream.settings.keepalive_interval
+        await out.keep_alive_until(stream.head, interval)
+        error = stream.head.exception()
+        if error is not None:
+            raise error
+        head = stream.head.result()
+        if head.is_sse and head.status < 300:  # the upstream streamed all the same
+            await out.follow(stream)
+            await out.end()
+            return out.response
+        trail = trail_of(self._request)
+        if trail is not None:
+            trail.reader = None  # what it is sent is not the stream's log
+        await out.keep_alive_until(stream.finished, interval)
+        if head.status >= 300:
+            payload = _upstream_error_event(head)
+        elif stream.error is not None:
+            raise stream.error
+        else:
+            events = None if stream.plain is None else stream.plain.events()
+            if events is None:
+                raise _no_stream_form()
+            skip = None if intake.wants_usage else events.usage_event
+            payload = b"".join(raw for index, raw in enumerate(events.events) if index != skip)
+        out.write(payload)
+        if trail is not None:
+            trail.first_byte_at, trail.bytes_out = time.perf_counter(), len(payload)
+        await out.end()
+        return out.response
+
+
+def _no_stream_form() -> UpstreamMalformed:
+    # A 200 that is not the endpoint's answer: a streaming reader of the
+    # plain call it answered cannot be given its stream.
+    return UpstreamMalformed("llm-sidecar: the upstream's answer is not the endpoint's JSON")
+
+
+def _upstream_error_event(head: Head) -> bytes:
+    """An upstream's error answer as an SSE event the SDK raises on."""
+    body = head.body or b""
+    if body.startswith(b"{"):
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return b"data: " + orjson.dumps({"error": parsed["error"]}) + b"\n\n"
+    return UpstreamBroken(f"llm-sidecar: the upstream answered {head.status}").sse_event()
 
 
 async def serve_answer(
     request: web.Request, intake: Intake, answer: CachedAnswer
 ) -> web.StreamResponse:
-    """A cache hit: the stored events as SSE, or the stored JSON."""
+    """A cache hit: the stored events as SSE, or the stored JSON, each
+    converted for a reader of the other mode."""
     trail = trail_of(request)
     if trail is not None:
         trail.served = Served.HIT
@@ -288,6 +414,10 @@ async def serve_answer(
     base["Age"] = str(max(0, int(time.time() - answer.stored_at)))
     if not (intake.wants_stream and answer.is_sse):
         assert answer.body is not None
+        if intake.wants_stream:
+            events = PlainAnswer(intake.endpoint, answer.body).events()
+            if events is not None:
+                return restreamed_response(answer.status, base, intake, Served.HIT, events)
         return web.Response(
             status=answer.status, body=answer.body, headers=_json_headers(base, intake, Served.HIT)
         )

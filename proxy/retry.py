@@ -32,6 +32,9 @@ DEFAULT_MAX_RETRY_WAIT = 5.0
 # What an attempt ended with, as metrics and logs name it (besides a status).
 CONNECT_ERROR = "connect_error"
 TIMEOUT = "timeout"
+# An answer whose body then failed: no event within idle_timeout, or cut.
+IDLE_TIMEOUT = "idle_timeout"
+BROKEN = "broken"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,26 +47,27 @@ class RetryRules:
     max_retry_wait: float
     budget_percent: float
     min_retry_concurrency: int
-    eject_after: int
-    eject_for: float
-    max_eject_for: float
 
     @classmethod
-    def compile(cls, config: Retry, targets: int, queue_timeout: float) -> RetryRules:
-        """`queue_timeout`: the upstream stage's, which bounds any wait (it holds a slot)."""
+    def compile(
+        cls, config: Retry, targets: int, queue_timeout: float, *, given: bool = False
+    ) -> RetryRules:
+        """`queue_timeout`: the upstream stage's, which bounds any wait (it holds a slot).
+        `given`: the route has a `retry` block of its own."""
         wait = config.max_retry_wait
+        attempts = config.attempts
+        if attempts is None:
+            # Each target gets one try; a retry block asks for at least one
+            # retry (Envoy's num_retries defaults to 1), and a one-target
+            # route without one keeps the single attempt it always had.
+            attempts = max(targets, 2) if given else targets
         return cls(
-            # Without a count, each target gets one try: a one-target route
-            # keeps the single attempt it always had.
-            attempts=config.attempts if config.attempts is not None else targets,
+            attempts=attempts,
             on_status=frozenset(config.on_status) - NEVER_RETRIED,
             backoff=config.backoff,
             max_retry_wait=min(DEFAULT_MAX_RETRY_WAIT, queue_timeout) if wait is None else wait,
             budget_percent=config.budget_percent,
             min_retry_concurrency=config.min_retry_concurrency,
-            eject_after=config.eject_after,
-            eject_for=config.eject_for,
-            max_eject_for=max(config.max_eject_for, config.eject_for),
         )
 
 
@@ -73,7 +77,9 @@ class Attempt:
 
     target: str  # the target's label
     status: int | None  # None: no response
-    error: str | None  # CONNECT_ERROR or TIMEOUT when there was no response
+    # CONNECT_ERROR or TIMEOUT when there was no response; IDLE_TIMEOUT or
+    # BROKEN when the answer's body failed after its head (never retried).
+    error: str | None
     duration: float  # seconds from sending to the response head (or the failure)
     waited: float  # seconds slept before this attempt (Retry-After or backoff)
 

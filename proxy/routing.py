@@ -140,7 +140,10 @@ def compile_policy(
                 targets=targets,
                 strategy=route.strategy,
                 retry=RetryRules.compile(
-                    route.retry, len(targets), policy.stages.upstream.queue_timeout
+                    route.retry,
+                    len(targets),
+                    policy.stages.upstream.queue_timeout,
+                    given="retry" in route.model_fields_set,
                 ),
             )
         )

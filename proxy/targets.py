@@ -5,8 +5,9 @@ A route lists targets (an upstream, an optional model rewrite, a weight).
 that moment: which targets are ejected, when each last failed, and which
 one just failed. The `fallback` strategy goes down the list in order, the
 `balance` strategy draws by weight; neither retries the target that just
-failed while another is healthy, and a route whose targets are all ejected
-still tries the least recently failed one rather than refusing.
+failed while another is healthy. A route whose targets are all ejected
+still tries the least recently failed one rather than refusing, once: a
+failure there is not retried on another ejected target.
 """
 
 from __future__ import annotations
@@ -43,15 +44,14 @@ def choose(
     last_failure: Sequence[float],
     rng: random.Random,
     failed: int | None = None,
-) -> int:
+) -> int | None:
     """The index of the target to try now; `failed` is the one that just failed, if any.
 
-    A one-target route always answers 0: retrying its only target is the
-    caller's decision (after a backoff), not ours.
+    None: no target is worth another try (every one is ejected), so the
+    failure stands. A first try (`failed` None) always gets a target: when
+    every one is ejected, the one whose last failure is oldest.
     """
     count = len(weights)
-    if count == 1:
-        return 0
     others = [i for i in range(count) if i != failed]
     healthy = [i for i in others if not ejected[i]]
     if healthy:
@@ -61,7 +61,8 @@ def choose(
             return healthy[0]
         # The next healthy one down the list, wrapping around to the top.
         return min(healthy, key=lambda i: (i - failed) % count)
-    if failed is not None and not ejected[failed]:
-        return failed  # every other target is ejected: the one that failed is the best left
-    # Every target is ejected: the one whose last failure is oldest gets the try.
+    if failed is not None:
+        # Every other target is ejected: the one that failed, unless it is too.
+        return None if ejected[failed] else failed
+    # Every target is ejected: one try, at the one whose last failure is oldest.
     return min(others, key=lambda i: last_failure[i])

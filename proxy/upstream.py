@@ -18,6 +18,7 @@ from yarl import URL
 from proxy.errors import (
     BadPath,
     UpstreamBroken,
+    UpstreamIdle,
     UpstreamTimeout,
     UpstreamTooLarge,
     UpstreamTooLong,
@@ -254,7 +255,7 @@ async def read_chunks(response: aiohttp.ClientResponse, config: Upstream) -> Asy
             try:
                 chunk = await content.readany()
             except _Idle as exc:
-                raise UpstreamBroken(
+                raise UpstreamIdle(
                     f"llm-sidecar: the upstream stream was idle for more than {idle_timeout:g}s"
                 ) from exc
             except (aiohttp.ClientError, OSError) as exc:

@@ -19,6 +19,7 @@ import openai
 import orjson
 import pytest
 
+from proxy.errors import ProxyError
 from proxy.observe import OBSERVER
 from proxy.sse import EventTooLarge, SSEDecoder
 from proxy.stream import Stream
@@ -283,6 +284,8 @@ async def test_a_response_past_a_bound_ends_with_an_error_for_every_reader(
 
         async with aiohttp.ClientSession() as session:
             streaming = asyncio.create_task(stream_reader())
+            async with asyncio.timeout(10):
+                await fake.reached_hold.wait()  # the streaming caller leads
             plain = asyncio.create_task(post(session, url, CHAT, Authorization="Bearer sk-a"))
             await wait_readers(proxy, 2)
             stream = _live_stream(proxy)
@@ -305,6 +308,53 @@ async def test_a_response_past_a_bound_ends_with_an_error_for_every_reader(
     await until(lambda: fake.in_flight == 0)  # the upstream connection was closed
     assert fake.disconnects == 1
     await wait_idle(rt)
+    await _assert_nothing_cached(fake, proxy, CHAT)
+
+
+@pytest.mark.parametrize("bound", ["bytes", "duration"])  # a plain body has no events
+async def test_a_plain_call_past_a_bound_ends_with_an_error_for_every_reader(
+    fake: FakeUpstream, start_proxy: StartProxy, bound: str
+) -> None:
+    # A plain caller leads, so the upstream is asked for a plain body: the
+    # bound ends it too, its streaming follower included, and nothing is cached.
+    upstream, settings, code = BOUNDS[bound]
+    proxy = await start_proxy(_bounded_policy(upstream))
+    fake.settings = replace(fake.settings, **settings)
+    fake.hold_after = 0  # both readers attach before the first byte
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a", max_retries=0)
+    url = f"{proxy.base_url}/chat/completions"
+    try:
+
+        async def stream_reader() -> None:
+            chunks = await client.chat.completions.create(**CHAT, stream=True)
+            async for _ in chunks:
+                pass
+
+        async with aiohttp.ClientSession() as session:
+            plain = asyncio.create_task(post(session, url, CHAT, Authorization="Bearer sk-a"))
+            async with asyncio.timeout(10):
+                await fake.reached_hold.wait()  # the plain caller leads
+            streaming = asyncio.create_task(stream_reader())
+            await wait_readers(proxy, 2)
+            stream = _live_stream(proxy)
+            assert stream.plain_call
+            fake.release.set()
+            async with asyncio.timeout(20):
+                plain_status, _, plain_body = await plain
+                with pytest.raises(openai.APIError) as raised:
+                    await streaming
+    finally:
+        await client.close()
+    assert plain_status == 502
+    assert orjson.loads(plain_body)["error"]["code"] == code
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["code"] == code
+    # Before the head: the error is the head's, no body was ever logged.
+    failed = stream.head.exception()
+    assert isinstance(failed, ProxyError) and failed.code == code
+    assert stream.plain is None and not stream.complete and stream.size == 0
+    await until(lambda: fake.in_flight == 0)  # the upstream connection was closed
+    await wait_idle(proxy.runtime)
     await _assert_nothing_cached(fake, proxy, CHAT)
 
 
@@ -364,7 +414,9 @@ async def test_healthz_answers_while_a_stream_without_newlines_runs(
     fake.hold_after = 1
     base = f"http://127.0.0.1:{proxy.port}"
     async with aiohttp.ClientSession() as session:
-        reader = asyncio.create_task(post(session, f"{proxy.base_url}/chat/completions", CHAT))
+        # A streaming caller: the upstream is asked in its mode, so it streams.
+        url = f"{proxy.base_url}/chat/completions"
+        reader = asyncio.create_task(post(session, url, {**CHAT, "stream": True}))
         await wait_readers(proxy, 1)
         stream = _live_stream(proxy)
         fake.release.set()
@@ -376,8 +428,8 @@ async def test_healthz_answers_while_a_stream_without_newlines_runs(
         async with asyncio.timeout(20):
             status, _, answer = await reader
     assert answered >= 1
-    assert status == 502
-    assert orjson.loads(answer)["error"]["code"] == "upstream_event_too_large"
+    assert status == 200  # its stream had started: the bound ends it with an error event
+    assert b'"code":"upstream_event_too_large"' in answer
     await until(lambda: fake.in_flight == 0)
     await wait_idle(proxy.runtime)
 

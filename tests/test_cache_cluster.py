@@ -124,11 +124,38 @@ async def test_proxy_hit_after_write_on_a_cluster(
     await wait_idle(proxy.runtime)
 
 
+async def test_the_local_tier_fetches_the_tagged_entry_then_answers_repeats_alone(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """Another sidecar's answer is read under its hash-tagged name (GET and
+    PTTL in one pipeline to its slot's master), then kept in-process."""
+    key = _key(1)
+    writer = _backend(redis_cluster)
+    try:
+        async with asyncio.timeout(10):
+            await writer.set(key, ANSWER, 60)
+    finally:
+        await writer.close()
+    # The first call of a cluster client also fetches the slot map: 2 s, not 200 ms.
+    cache = {"backend": "redis", "mode": "cluster", "url": redis_cluster.url, "timeout": "2s"}
+    lane = build_cache(policy_of({**cache, "key_prefix": PREFIX}), {})
+    try:
+        async with asyncio.timeout(10):
+            assert await lane.lookup(key) == ANSWER
+            assert await lane.lookup(key) == ANSWER
+        stats = lane.stats()
+        assert (stats.hits, stats.local_hits, stats.misses, stats.errors) == (2, 1, 0, 0)
+    finally:
+        await lane.close()
+
+
 async def test_killed_node_costs_misses_never_failures(
     fake: FakeUpstream, start_proxy: StartProxy, redis_cluster: RedisClusterNodes
 ) -> None:
     prompts = 30
-    proxy = await start_proxy(_policy(redis_cluster))
+    # Without the local tier, which would answer every repeat from this
+    # sidecar's own memory: what is measured is a read that reaches the cluster.
+    proxy = await start_proxy(_policy(redis_cluster, local_tier=None))
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session, asyncio.timeout(60):
         before = [await post(session, url, _chat(n)) for n in range(prompts)]

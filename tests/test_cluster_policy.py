@@ -97,8 +97,8 @@ def test_enabled_without_any_redis_is_refused() -> None:
 @pytest.mark.parametrize(
     ("cluster", "path", "reason"),
     [
-        ({"lease": 0}, "cluster.lease", "greater than 0"),
-        ({"timeout": "0s"}, "cluster.timeout", "greater than 0"),
+        ({"lease": 0}, "cluster.lease", "must be above 0"),
+        ({"timeout": "0s"}, "cluster.timeout", "must be above 0"),
         ({"max_stream_bytes": 0}, "cluster.max_stream_bytes", "greater than 0"),
         ({"lease": "1s", "timeout": "1s"}, "cluster.timeout", "shorter than cluster.lease"),
         ({"url": "http://redis:6379"}, "cluster.url", "redis://, rediss:// or unix://"),

@@ -7,8 +7,9 @@ stream event that is not JSON) are asked, with the real SDK, direct and
 through the proxy: as the leader, as a follower of the other mode, and
 again after a caller of the other mode (never a cache hit: nothing of
 theirs is ever cached). Where the proxy has to parse such an answer to
-serve a reader of the other mode, the reader gets a 502 with an
-OpenAI-style error instead, and that is said here case by case.
+serve a reader of the other mode (a follower: the upstream is asked in the
+leader's mode), the reader gets a 502 with an OpenAI-style error instead,
+and that is said here case by case.
 """
 
 from __future__ import annotations
@@ -85,11 +86,16 @@ async def test_an_in_band_error_reaches_the_caller_as_the_upstream_said_it(
     got, served = await _through(env, endpoint, body, mode, path, knobs)
     assert env.fake.total_calls - before == CALLS[path]
     assert served == _served(path)
+    said = chunk_error(429) if endpoint != "responses" else response_error(429)
+    if path == "follow" and mode == "stream":
+        # Its flight was the whole-mode leader's plain call, which the upstream
+        # answered 429 with this error object: that answer, as it said it.
+        assert got == [Raised("RateLimitError", 429, said)]
+        return
     assert normal(got) == normal(direct)
     if mode == "whole":
         # The upstream's code and message, with the status its code names: the
         # SDK raises RateLimitError, as direct, not a generic 502.
-        said = chunk_error(429) if endpoint != "responses" else response_error(429)
         assert got == Raised("RateLimitError", 429, said)
 
 
@@ -119,16 +125,16 @@ async def test_a_streaming_reader_gets_the_upstreams_error_event_and_no_other(
         assert events[-1]["choices"][0]["finish_reason"] == "error"
 
 
-def _converted(bad: str, mode: str) -> bool:
-    """Whether serving a `mode` reader means parsing the upstream's answer.
+def _converted(bad: str, mode: str, path: str) -> bool:
+    """Whether serving a `mode` reader on `path` means parsing the upstream's answer.
 
-    Chat, completions and Responses are asked upstream as a stream whatever
-    the leader asked, so a bad body that is not a stream (`text`, `json`) is
-    relayed as sent to every reader, and a stream whose event is not JSON
-    (`event`) is relayed as sent to streaming readers but cannot be folded
-    into an object for the others.
+    The upstream is asked in the leader's mode, so only a follower (of a
+    leader of the other mode) is converted: a streaming follower of a plain
+    call always (its body is re-chunked), a plain follower of a stream only
+    when the upstream did stream (`event`; a `text` or `json` answer to a
+    stream request is no stream, and is relayed to it as sent).
     """
-    return bad == "event" and mode == "whole"
+    return path == "follow" and (mode == "stream" or bad == "event")
 
 
 BAD_CASES = [
@@ -150,11 +156,14 @@ async def test_a_200_that_is_not_the_endpoints_answer_is_relayed_and_never_cache
     before = env.fake.total_calls
     got, served = await _through(env, endpoint, body, mode, path, knobs)
     assert env.fake.total_calls - before == CALLS[path]
-    if _converted(bad, mode):
+    if _converted(bad, mode, path):
         # The proxy's own error (x-llm-sidecar: error), OpenAI-style.
         assert served == "error"
-        assert isinstance(got, Raised) and (got.kind, got.status) == ("InternalServerError", 502)
-        assert got.body["code"] == "upstream_malformed"
+        raised = got if mode == "whole" else got[0]
+        assert mode == "whole" or len(got) == 1  # a status, before any chunk
+        assert isinstance(raised, Raised)
+        assert (raised.kind, raised.status) == ("InternalServerError", 502)
+        assert raised.body["code"] == "upstream_malformed"
     else:
         assert served == _served(path)
         assert normal(got) == normal(direct)

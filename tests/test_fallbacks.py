@@ -7,6 +7,7 @@ holds (`rt.retries.clock`), and draws between targets on a seeded RNG.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -48,8 +49,8 @@ async def test_primary_down_fallback_answers_then_primary_is_ejected_until_its_c
     backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     primary_url = refused_url()
-    retry = {"eject_after": 2, "eject_for": "30s"}
-    proxy = await start_proxy(two(primary_url, backup.base_url, retry=retry), raw=True)
+    eject = {"eject_after": 2, "eject_for": "30s"}
+    proxy = await start_proxy(two(primary_url, backup.base_url, eject=eject), raw=True)
     rt = proxy.runtime
     clock = hold_clock(rt)
     url = f"{proxy.base_url}/chat/completions"
@@ -103,8 +104,8 @@ async def test_primary_down_fallback_answers_then_primary_is_ejected_until_its_c
 async def test_every_target_ejected_still_tries_the_least_recently_failed(
     fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
-    retry = {"eject_after": 1, "eject_for": "1h"}
-    proxy = await start_proxy(two(fake.base_url, backup.base_url, retry=retry), raw=True)
+    eject = {"eject_after": 1, "eject_for": "1h"}
+    proxy = await start_proxy(two(fake.base_url, backup.base_url, eject=eject), raw=True)
     clock = hold_clock(proxy.runtime)
     fake.settings = replace(fake.settings, error_status=503)
     backup.settings = replace(backup.settings, error_status=503)
@@ -145,16 +146,22 @@ async def test_fifty_identical_requests_share_one_pump_and_one_retry(
     await wait_idle(proxy.runtime)
 
 
-async def test_retry_budget_bounds_retries_into_a_failing_primary(
-    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+async def test_retry_budget_bounds_retries_onto_a_failing_target(
+    fake: FakeUpstream, start_proxy: StartProxy
 ) -> None:
-    stages = {"upstream": {"max_concurrency": 100, "max_queue": 100, "queue_timeout": "30s"}}
-    budget = {"budget_percent": 20, "min_retry_concurrency": 3, "eject_after": 10}
-    policy = two(fake.base_url, backup.base_url, retry=budget)
+    """Retries onto a target that already failed spend from the budget: 50 calls
+    into a failing upstream get at most 20% of them retried."""
+    stages = {"upstream": {"max_concurrency": 100, "max_queue": 100, "queue_timeout": "60s"}}
+    retry = {"attempts": 2, "max_retry_wait": "30s", "budget_percent": 20}
+    policy = routed(
+        {"fake": fake.base_url}, {"upstream": "fake", "retry": retry, "on_abandon": "cancel"}
+    )
+    policy["upstreams"]["fake"]["eject_after"] = 100  # health stays out of this test
     proxy = await start_proxy({**policy, "stages": stages}, raw=True)
-    fake.settings = replace(fake.settings, error_status=503)
+    rt = proxy.runtime
+    # Every call fails with a Retry-After the retry waits out holding its token.
+    fake.settings = replace(fake.settings, error_status=503, retry_after="25")
     fake.hold_after = 0  # every failure waits until all 50 calls are in flight
-    backup.hold_after = 0  # and every retry stays in flight until the end
     url = f"{proxy.base_url}/embeddings"  # a whole answer: the fake holds it before its head
     async with aiohttp.ClientSession() as session:
         tasks = [
@@ -163,22 +170,135 @@ async def test_retry_budget_bounds_retries_into_a_failing_primary(
         ]
         await until(lambda: fake.in_flight == 50)
         fake.release.set()
-        # Calls refused a retry answer at once; the retried ones wait at the backup.
-        await until(lambda: sum(t.done() for t in tasks) + backup.in_flight == 50)
-        retried = backup.total_calls
-        assert proxy.runtime.retries.budget.in_flight == retried
-        backup.release.set()
-        results = await asyncio.gather(*tasks)
+        # Calls refused a retry answer at once; granted ones wait 25 s on a token.
+        await until(lambda: sum(t.done() for t in tasks) + rt.retries.budget.in_flight == 50)
+        granted = rt.retries.budget.in_flight
+        refused = [t.result() for t in tasks if t.done()]
+        for task in tasks:
+            task.cancel()  # on_abandon: cancel, so each waiting pump gives its token back
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await wait_idle(rt)
     # At most 20% of the 50 calls in flight; the floor of 3 is always allowed.
-    assert 3 <= retried <= 10, retried
-    statuses = sorted(status for status, _, _ in results)
-    assert statuses == [200] * retried + [503] * (50 - retried)
-    assert fake.total_calls == 50
-    refused = proxy.runtime.metrics.registry.get_sample_value(
+    assert 3 <= granted <= 10, granted
+    assert len(refused) == 50 - granted
+    for status, headers, _ in refused:
+        # The proxy said no to a retry: the caller's SDK must not retry on top.
+        assert (status, headers[ATTEMPTS], headers["x-should-retry"]) == (503, "1", "false")
+    registry = rt.metrics.registry
+    assert registry.get_sample_value(
         "llm_sidecar_upstream_retries_refused_total", {"reason": "budget"}
+    ) == (50 - granted)
+    assert rt.retries.budget.in_flight == 0
+    assert fake.total_calls == 50  # the granted retries never went out
+
+
+async def test_a_429_storm_falls_back_at_once_and_the_primary_cools_down(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """A fallback onto a healthy target is not a retry the budget refuses, and a
+    429 with a long Retry-After takes the primary out of rotation that long."""
+    stages = {"upstream": {"max_concurrency": 100, "max_queue": 100, "queue_timeout": "30s"}}
+    policy = two(fake.base_url, backup.base_url, retry={"budget_percent": 20})
+    proxy = await start_proxy({**policy, "stages": stages}, raw=True)
+    rt = proxy.runtime
+    clock = hold_clock(rt)
+    fake.settings = replace(fake.settings, error_status=429, retry_after="120")
+    fake.hold_after = 0  # the 429s wait until all 50 calls reached the primary
+    url = f"{proxy.base_url}/embeddings"
+
+    async def wave(session: aiohttp.ClientSession, name: str) -> list[tuple[int, str]]:
+        tasks = [
+            asyncio.create_task(post(session, url, {"model": "e", "input": f"{name} {i}"}))
+            for i in range(50)
+        ]
+        if name == "storm":
+            await until(lambda: fake.in_flight == 50)
+            fake.release.set()
+        return [(status, headers[ATTEMPTS]) for status, headers, _ in await asyncio.gather(*tasks)]
+
+    async with aiohttp.ClientSession() as session:
+        assert await wave(session, "storm") == [(200, "2")] * 50
+        assert (fake.total_calls, backup.total_calls) == (50, 50)
+        view = (await status_of(session, proxy.base_url))["targets"]["primary"]
+        assert (view["ejected"], view["paused_for_s"], view["consecutive_failures"]) == (
+            True,
+            120.0,
+            0,  # a 429 is pacing, not a failure
+        )
+        # While it cools down, new requests go straight to the fallback.
+        assert await wave(session, "after") == [(200, "1")] * 50
+        assert (fake.total_calls, backup.total_calls) == (50, 100)
+        clock.now += 120.0
+        fake.settings = replace(fake.settings, error_status=None)
+        status, headers, _ = await post(session, url, {"model": "e", "input": "back"})
+    assert (status, headers[ATTEMPTS], fake.total_calls) == (200, "1", 51)
+    assert (
+        rt.metrics.registry.get_sample_value(
+            "llm_sidecar_upstream_retries_refused_total", {"reason": "budget"}
+        )
+        is None
     )
-    assert refused == 50 - retried
-    assert proxy.runtime.retries.budget.in_flight == 0
+    await wait_idle(rt)
+
+
+async def test_every_target_ejected_makes_one_attempt(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    eject = {"eject_after": 1, "eject_for": "1h"}
+    policy = two(fake.base_url, backup.base_url, eject=eject, retry={"attempts": 4})
+    proxy = await start_proxy(policy, raw=True)
+    clock = hold_clock(proxy.runtime)
+    fake.settings = replace(fake.settings, error_status=503)
+    backup.settings = replace(backup.settings, error_status=503)
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, url, chat("eject both"))
+        assert (status, headers[ATTEMPTS], headers["x-should-retry"]) == (503, "2", "false")
+        assert (fake.total_calls, backup.total_calls) == (1, 1)  # both ejected now
+        for n in range(3):
+            clock.now += 1.0
+            status, headers, _ = await post(session, url, chat(f"still down {n}"))
+            # One try, at the least recently failed, then the failure stands.
+            assert (status, headers[ATTEMPTS], headers["x-should-retry"]) == (503, "1", "false")
+    # The primary failed first, then the backup, then they alternate.
+    assert (fake.total_calls, backup.total_calls) == (3, 2)
+    assert (
+        proxy.runtime.metrics.registry.get_sample_value(
+            "llm_sidecar_upstream_retries_refused_total", {"reason": "ejected"}
+        )
+        == 4
+    )
+    await wait_idle(proxy.runtime)
+
+
+async def test_going_back_to_a_target_that_failed_waits_a_backoff(
+    fake: FakeUpstream,
+    backup: FakeUpstream,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_sidecar.access")
+    retry = {"attempts": 4, "backoff": "20ms"}
+    policy = two(fake.base_url, backup.base_url, eject={"eject_after": 10}, retry=retry)
+    proxy = await start_proxy(policy, raw=True)
+    proxy.runtime.retries.rng.seed(3)
+    fake.settings = replace(fake.settings, error_status=502)
+    backup.settings = replace(backup.settings, error_status=503)
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("wrap"))
+    assert (status, headers[ATTEMPTS], headers["x-should-retry"]) == (503, "4", "false")
+    [attempts] = [
+        r.fields["attempts"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "llm_sidecar.access"
+    ]
+    targets = [a["target"] for a in attempts]
+    waits = [a["waited_ms"] for a in attempts]
+    assert targets == ["primary", "backup", "primary", "backup"]
+    # The fallback goes at once; the way back to a target that failed backs off
+    # (full jitter under 20 ms x 2^n for the n-th retry, the fallback counted).
+    assert waits[:2] == [0.0, 0.0]
+    assert 0.0 < waits[2] <= 40.0 and 0.0 < waits[3] <= 80.0, waits
     await wait_idle(proxy.runtime)
 
 
@@ -280,8 +400,10 @@ async def test_fallback_strategy_goes_down_the_list(
         targets = [{"upstream": "a"}, {"upstream": "b"}, {"upstream": "c"}]
         policy = routed(
             {"a": fake.base_url, "b": backup.base_url, "c": third.base_url},
-            {"targets": targets, "retry": {"eject_after": 10}},
+            {"targets": targets},
         )
+        for settings in policy["upstreams"].values():
+            settings["eject_after"] = 10
         proxy = await start_proxy(policy, raw=True)
         fake.settings = replace(fake.settings, error_status=502)
         backup.settings = replace(backup.settings, error_status=500)
@@ -299,8 +421,7 @@ async def test_fallback_strategy_goes_down_the_list(
 async def test_reload_resets_the_ejection_of_targets_that_changed(
     backup: FakeUpstream, start_proxy: StartProxy
 ) -> None:
-    retry = {"eject_after": 1, "eject_for": "1h"}
-    policy = two(refused_url(), backup.base_url, retry=retry)
+    policy = two(refused_url(), backup.base_url, eject={"eject_after": 1, "eject_for": "1h"})
     proxy = await start_proxy(policy, raw=True)
     rt = proxy.runtime
     url = f"{proxy.base_url}/chat/completions"
@@ -378,4 +499,21 @@ async def test_every_target_gets_the_confined_path_and_the_query_as_sent(
     expected = f"/v1/chat/completions?{query}"
     assert [r.target for r in fake.requests] == [expected]
     assert [r.target for r in backup.requests] == [expected]
+
+
+@pytest.mark.parametrize("cache_fallback", [True, False])
+async def test_cache_fallback_decides_whether_a_fallbacks_answer_is_cached(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy, cache_fallback: bool
+) -> None:
+    policy = two(fake.base_url, backup.base_url, cache={"ttl": "1h"}, cache_fallback=cache_fallback)
+    proxy = await start_proxy(policy, raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    url = f"{proxy.base_url}/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        first = await post(session, url, chat("cache me?"))
+        await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        second = await post(session, url, chat("cache me?"))
+    assert (first[0], first[1]["x-llm-sidecar"]) == (200, "lead")
+    assert second[1]["x-llm-sidecar"] == ("hit" if cache_fallback else "lead")
+    assert backup.total_calls == (1 if cache_fallback else 2)
     await wait_idle(proxy.runtime)

@@ -13,6 +13,7 @@ scripts/ensure-helm.sh); each scenario is rendered once per session.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.policy import Policy, parse_policy
+from proxy.policy import Policy, Retry, Route, Target, Upstream, parse_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "llm-sidecar"
@@ -41,6 +42,7 @@ NAMESPACE = "llm"
 PROXY = "llm-sidecar"  # the proxy container's name
 EXPECTED_SCENARIOS = {
     "admin",
+    "fallbacks",
     "standalone",
     "sidecar-native",
     "sidecar-plain",
@@ -274,6 +276,7 @@ def test_kinds_per_scenario(rendered: dict[str, list[Obj]]) -> None:
     kinds = {s: sorted(d["kind"] for d in docs) for s, docs in rendered.items()}
     assert kinds == {
         "admin": ["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
+        "fallbacks": ["ConfigMap", "Deployment", "Service"],
         "standalone": sorted(
             ["ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
         ),
@@ -869,3 +872,63 @@ def test_the_docs_cross_replica_example_renders_the_policy_they_show(
         "cache": {**shown["cache"], "max_bytes": "128MiB", "timeout": "200ms"},
         "cluster": shown["cluster"],
     }
+
+
+# ---- the policy's routes and upstreams, as the schema lets values express them ----
+
+
+def schema_properties(*path: str) -> set[str]:
+    node: Any = json.loads((CHART / "values.schema.json").read_text())
+    for key in path:
+        node = node[key]
+    return set(node["properties"])
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def test_the_schema_takes_every_route_and_upstream_key_of_the_policy_model() -> None:
+    """additionalProperties: false turns a key the schema lacks into a failed
+    `helm install`: every field of the policy's models must be in it, and
+    nothing else (a new field fails here until the schema has it)."""
+    route = ("properties", "policy", "properties", "routes", "items")
+    assert schema_properties(*route) == set(Route.model_fields)
+    assert schema_properties(*route, "properties", "targets", "items") == set(Target.model_fields)
+    assert schema_properties(*route, "properties", "retry") == set(Retry.model_fields)
+    extra = ("properties", "extraUpstreams", "additionalProperties")
+    assert schema_properties(*extra) == set(Upstream.model_fields)
+    # The chart's own upstream block spells them in camelCase, with its key
+    # as a Secret reference instead of an env var name, plus its name.
+    own = {camel(name) for name in Upstream.model_fields} - {"apiKeyEnv"}
+    assert schema_properties("properties", "upstream") == own | {"name", "apiKey"}
+
+
+def test_a_fallback_route_renders_with_its_targets_retry_and_ejection(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    policy = policy_of(rendered["fallbacks"])
+    chat, embeddings, catch_all = policy.routes
+    assert chat.upstream is None  # a route with targets gets no default upstream
+    assert [(t.upstream, t.model) for t in chat.target_list] == [
+        ("openai", None),
+        ("azure", "gpt-4o-mini-eu"),
+    ]
+    assert (chat.strategy, chat.retry.attempts, chat.retry.max_retry_wait) == ("fallback", 3, 2.0)
+    assert not chat.cache_fallback
+    assert [t.weight for t in embeddings.target_list] == [3.0, 1.0]
+    assert catch_all.upstream == "openai"
+    openai, azure = policy.upstreams["openai"], policy.upstreams["azure"]
+    assert (openai.eject_after, openai.eject_for, openai.max_eject_for) == (3, 15.0, 120.0)
+    assert (azure.eject_after, azure.api_key_env) == (5, "AZURE_OPENAI_API_KEY")
+
+
+def test_a_typo_inside_a_retry_block_is_rejected_by_the_schema(helm: Helm) -> None:
+    stderr = helm.template_error(
+        "-f",
+        str(CHART / "ci" / "fallbacks-values.yaml"),
+        "--set",
+        "policy.routes[0].retry.atempts=2",
+    )
+    assert re.search(r"additional propert(y|ies) '?atempts'? (is )?not allowed", stderr, re.I)

@@ -62,12 +62,14 @@ class Recorder:
             vector = [0.125] * (MAX_ENTRY // 4)
             answer = {"object": "list", "data": [{"index": 0, "embedding": vector}]}
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
-        plain: dict[str, Any] = {"id": f"r{len(self.seen)}", "object": "chat.completion"}
-        if request.path.endswith("/embeddings"):  # only an embeddings answer is cached there
-            plain = {"object": "list", "data": [{"index": 0, "embedding": [0.5]}]}
-        else:
-            plain["choices"] = []
-        return web.Response(body=orjson.dumps(plain), content_type="application/json")
+        # A whole answer of the endpoint's own type: only such an answer is cached.
+        if request.path.endswith("/embeddings"):
+            vectors = {"object": "list", "data": [{"index": 0, "embedding": [0.5]}]}
+            return web.Response(body=orjson.dumps(vectors), content_type="application/json")
+        message = {"role": "assistant", "content": "ok"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        answer = {"id": f"r{len(self.seen)}", "object": "chat.completion", "choices": [choice]}
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def start(self) -> None:
         app = web.Application()

@@ -65,28 +65,45 @@ async def test_a_leaders_reply_keeps_the_upstreams_headers_but_not_a_streams_on_
         _is_json_reply(headers)
 
 
-async def test_a_json_follower_of_a_stream_gets_json_headers(
-    proxy: RunningProxy, fake: FakeUpstream
-) -> None:
+async def _lead_and_follow(
+    proxy: RunningProxy, fake: FakeUpstream, prompt: str, lead_stream: bool
+) -> tuple[CIMultiDict[str], CIMultiDict[str]]:
+    """A leader in one mode and a follower in the other, on one upstream call."""
     url = proxy.base_url + "/chat/completions"
     fake.hold_after = 1
     async with aiohttp.ClientSession() as session:
-        leader = asyncio.ensure_future(post(session, url, _chat("follow", stream=True)))
+        leader = asyncio.ensure_future(post(session, url, _chat(prompt, stream=lead_stream)))
         try:
             async with asyncio.timeout(10):
                 await fake.reached_hold.wait()
-            follower = asyncio.ensure_future(post(session, url, _chat("follow", stream=False)))
+            follower = asyncio.ensure_future(post(session, url, _chat(prompt, not lead_stream)))
             await wait_readers(proxy, 2)
         finally:
             fake.hold_after = None
             fake.release.set()
         async with asyncio.timeout(10):
             (_, lead_headers, _), (status, headers, _) = await asyncio.gather(leader, follower)
-    assert lead_headers["x-llm-sidecar"] == "lead"
+    assert status == 200 and lead_headers["x-llm-sidecar"] == "lead"
+    assert headers["x-llm-sidecar"] == "follow"
+    return lead_headers, headers
+
+
+async def test_a_json_follower_of_a_stream_gets_json_headers(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    lead_headers, headers = await _lead_and_follow(proxy, fake, "follow json", lead_stream=True)
     _is_sse_reply(lead_headers)
-    assert status == 200 and headers["x-llm-sidecar"] == "follow"
     _is_json_reply(headers)
     assert headers[PER_CALL] == "1"  # the shared call's, which answered this reader too
+
+
+async def test_a_streaming_follower_of_a_plain_call_gets_stream_headers(
+    proxy: RunningProxy, fake: FakeUpstream
+) -> None:
+    lead_headers, headers = await _lead_and_follow(proxy, fake, "follow sse", lead_stream=False)
+    _is_json_reply(lead_headers)
+    _is_sse_reply(headers)  # the answer re-chunked: a stream, said so
+    assert headers[PER_CALL] == "1"
 
 
 @pytest.mark.parametrize("first_stream", [True, False])
@@ -103,8 +120,8 @@ async def test_a_hit_keeps_its_content_type_and_no_header_of_the_call_that_made_
         assert status == 200 and headers["x-llm-sidecar"] == "hit"
         _is_json_reply(headers)
         assert PER_CALL not in headers and "Age" in headers
-        if first_stream:  # a recorded stream replays as one to a streaming caller
-            status, headers, _ = await post(session, url, _chat(prompt, stream=True))
-            assert status == 200 and headers["x-llm-sidecar"] == "hit"
-            _is_sse_reply(headers)
-            assert PER_CALL not in headers and "X-Accel-Buffering" not in headers
+        # Recorded events replay, a recorded body is re-chunked: a stream either way.
+        status, headers, _ = await post(session, url, _chat(prompt, stream=True))
+        assert status == 200 and headers["x-llm-sidecar"] == "hit"
+        _is_sse_reply(headers)
+        assert PER_CALL not in headers and "X-Accel-Buffering" not in headers

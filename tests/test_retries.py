@@ -43,9 +43,15 @@ def routed(upstreams: dict[str, str], route: dict[str, Any], **top: Any) -> dict
     }
 
 
-def two(primary: str, backup: str, **route: Any) -> dict[str, Any]:
+def two(
+    primary: str, backup: str, eject: dict[str, Any] | None = None, **route: Any
+) -> dict[str, Any]:
+    """A primary and its fallback; `eject` sets both upstreams' ejection thresholds."""
     targets = [{"upstream": "primary"}, {"upstream": "backup"}]
-    return routed({"primary": primary, "backup": backup}, {"targets": targets, **route})
+    policy = routed({"primary": primary, "backup": backup}, {"targets": targets, **route})
+    for settings in policy["upstreams"].values():
+        settings.update(eject or {})
+    return policy
 
 
 def refused_url() -> str:
@@ -184,9 +190,19 @@ async def test_a_failure_after_the_first_event_is_not_retried(
     finally:
         await client.close()
     async with aiohttp.ClientSession() as session:
-        status, headers, body = await post(
-            session, f"{proxy.base_url}/chat/completions", chat("cut too")
-        )
+        # A plain call cut before its head is retried (nothing reached a reader);
+        # this one streams, is cut after its first events, and its non-stream
+        # follower gets the stream's error.
+        fake.hold_after = 0
+        url = f"{proxy.base_url}/chat/completions"
+        leader = asyncio.create_task(post(session, url, chat("cut too", stream=True)))
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+        follower = asyncio.create_task(post(session, url, chat("cut too")))
+        await until(lambda: sum(s.readers for s in proxy.runtime.table) == 2)
+        fake.release.set()
+        await leader
+        status, headers, body = await follower
     assert status == 502  # a non-stream reader gets the stream's error
     assert orjson.loads(body)["error"]["code"] == "upstream_stream_error"
     assert headers[ATTEMPTS] == "1"
@@ -338,3 +354,91 @@ async def test_no_retry_once_draining(fake: FakeUpstream, start_proxy: StartProx
         )
         == 1
     )
+
+
+async def test_a_retry_block_without_attempts_retries_a_lone_target_once(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    route = {"match": {"path": "/v1/*"}, "upstream": "fake", "retry": {"backoff": "1ms"}}
+    proxy = await start_proxy({"routes": [route]})
+    # Driven by request headers, as an out-of-process fake would be.
+    knobs = {"x-fake-status": "503", "x-fake-error-times": "1"}
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(
+            session, f"{proxy.base_url}/chat/completions", chat("once more"), **knobs
+        )
+    assert (status, headers[ATTEMPTS], fake.total_calls) == (200, "2", 2)
+    await wait_idle(proxy.runtime)
+
+
+async def test_the_sdk_does_not_retry_on_top_of_the_proxys_retries(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """With its default max_retries=2, one create() used to make 3 x 3 upstream calls."""
+    retry = {"attempts": 3, "backoff": "10ms"}
+    proxy = await start_proxy(two(fake.base_url, backup.base_url, retry=retry), raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    backup.settings = replace(backup.settings, error_status=500)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a")  # max_retries=2
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(**chat("no storm"))
+    finally:
+        await client.close()
+    response = caught.value.response
+    assert (response.headers[ATTEMPTS], response.headers["x-should-retry"]) == ("3", "false")
+    # Every upstream call is one of the proxy's attempts; the SDK added none.
+    assert fake.total_calls + backup.total_calls == 3
+    await wait_idle(proxy.runtime)
+
+
+async def test_the_sdk_does_not_retry_when_no_target_answered(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(two(refused_url(), refused_url()), raw=True)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a")  # max_retries=2
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(**chat("nobody home"))
+    finally:
+        await client.close()
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    # One create(), one pump: the SDK came back zero times.
+    assert (
+        proxy.runtime.metrics.registry.get_sample_value(
+            "llm_sidecar_requests_total", {"served": "lead", "status": "502"}
+        )
+        == 1
+    )
+    await wait_idle(proxy.runtime)
+
+
+async def test_the_sdk_still_retries_where_the_proxy_did_not(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """A route that never retries (one target, no retry block) leaves retrying to the SDK."""
+    proxy = await start_proxy()
+    # retry-after-ms keeps the SDK's own wait short.
+    fake.settings = replace(fake.settings, error_status=503, error_times=1, retry_after_ms=10)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a", max_retries=1)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(**chat("sdk retries"))
+    finally:
+        await client.close()
+    assert raw.http_response.status_code == 200
+    assert fake.total_calls == 2
+
+
+async def test_a_failure_off_the_retry_list_after_a_fallback_tells_the_sdk_not_to_retry(
+    fake: FakeUpstream, backup: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """501 is not in on_status, but the SDK retries every 5xx: the proxy already tried twice."""
+    proxy = await start_proxy(two(fake.base_url, backup.base_url), raw=True)
+    fake.settings = replace(fake.settings, error_status=503)
+    backup.settings = replace(backup.settings, error_status=501)
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("5"))
+        assert (status, headers[ATTEMPTS], headers["x-should-retry"]) == (501, "2", "false")
+        backup.settings = replace(backup.settings, error_status=None)
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", chat("6"))
+    assert (status, headers[ATTEMPTS]) == (200, "2")
+    assert "x-should-retry" not in headers  # an answer needs no such advice
+    await wait_idle(proxy.runtime)

@@ -75,7 +75,8 @@ def test_only_ejected_targets_left_tries_the_least_recently_failed() -> None:
     strategies: tuple[Strategy, ...] = ("fallback", "balance")
     for strategy in strategies:
         assert choose(strategy, (1.0, 1.0, 1.0), ejected, last, rng) == 1
-        assert choose(strategy, (1.0, 1.0, 1.0), ejected, last, rng, failed=1) == 2
+        # That one try failed: no tour of the other ejected targets.
+        assert choose(strategy, (1.0, 1.0, 1.0), ejected, last, rng, failed=1) is None
 
 
 def test_the_failed_target_is_retried_when_it_is_the_only_healthy_one() -> None:
@@ -83,9 +84,23 @@ def test_the_failed_target_is_retried_when_it_is_the_only_healthy_one() -> None:
     assert choose("balance", (1.0, 1.0), (False, True), (5.0, 1.0), rng, failed=0) == 0
 
 
-def test_a_one_target_route_always_gets_its_target() -> None:
+def test_a_one_target_route_gets_its_target_again_unless_it_is_ejected() -> None:
     rng = random.Random(1)
-    assert choose("balance", (1.0,), (True,), (1.0,), rng, failed=0) == 0
+    assert choose("balance", (1.0,), (True,), (1.0,), rng) == 0  # a first try always goes
+    assert choose("balance", (1.0,), (False,), (1.0,), rng, failed=0) == 0
+    assert choose("balance", (1.0,), (True,), (1.0,), rng, failed=0) is None
+
+
+def test_a_pause_skips_a_target_without_counting_as_a_failure() -> None:
+    outliers = Outliers()
+    outliers.paused(A, CONFIG, 100.0, 30.0)
+    assert outliers.is_ejected(A, 129.9) and not outliers.is_ejected(A, 130.0)
+    view = outliers.view(A, 110.0)
+    assert (view.consecutive_failures, view.ejections, view.ejected) == (0, 0, True)
+    assert (view.ejected_for_s, view.paused_for_s) == (20.0, 20.0)
+    assert not fail(outliers, 101.0) and not fail(outliers, 102.0)  # it still takes 3 failures
+    restored = outliers.succeeded(A)
+    assert restored is not None and not outliers.tracking
 
 
 def test_target_labels() -> None:
@@ -104,7 +119,7 @@ def test_statuses_off_the_list_are_final(status: int) -> None:
 
 def test_the_never_list_wins_over_a_compiled_list() -> None:
     # The policy refuses such a list; the decision does not rely on it.
-    compiled = RetryRules(5, frozenset({400, 503}), 0.5, 5.0, 20.0, 3, 5, 30.0, 300.0)
+    compiled = RetryRules(5, frozenset({400, 503}), 0.5, 5.0, 20.0, 3)
     assert decide(400, None, 1, compiled).kind == "stop"
 
 
@@ -123,6 +138,15 @@ def test_a_one_target_route_without_a_retry_block_never_retries() -> None:
     assert one.attempts == 1
     assert decide(503, None, 1, one).kind == "stop"
     assert RetryRules.compile(Retry(), targets=3, queue_timeout=60.0).attempts == 3
+
+
+def test_a_retry_block_without_attempts_retries_at_least_once() -> None:
+    def attempts(targets: int) -> int:
+        return RetryRules.compile(Retry(), targets, 60.0, given=True).attempts
+
+    assert (attempts(1), attempts(2), attempts(3)) == (2, 2, 3)
+    explicit = RetryRules.compile(Retry(attempts=1), 1, 60.0, given=True)
+    assert explicit.attempts == 1  # a count written down wins
 
 
 def test_the_default_longest_wait_stays_under_the_upstream_queue_timeout() -> None:

@@ -11,6 +11,7 @@ import yaml
 from proxy.policy import PolicyError, load_policy, parse_policy
 from proxy.routing import compile_policy
 from proxy.runtime import HookSession
+from proxy.units import DURATION_FORMS
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACKS = REPO / "policies" / "examples" / "fallbacks.yaml"
@@ -106,13 +107,13 @@ def test_targets_compile_in_order_with_the_first_as_the_key_upstream() -> None:
         (
             {"upstream": "a", "retry": {"on_status": [429, 400]}},
             {},
-            "routes[0].retry.on_status",
+            "routes[0].retry.on_status[1]",
             "400 is never retried",
         ),
         (
             {"upstream": "a", "retry": {"on_status": [302]}},
             {},
-            "routes[0].retry.on_status",
+            "routes[0].retry.on_status[0]",
             "302 is not an error status",
         ),
         (
@@ -147,3 +148,136 @@ def test_a_short_upstream_queue_timeout_keeps_a_policy_without_retry_valid() -> 
     loaded = parse_policy(policy({"upstream": "a"}, stages=stages), "p.yaml")
     compiled = compile_policy(loaded, HookSession(), {}).routes[0]
     assert compiled.retry.max_retry_wait == 0.5  # the default follows the timeout down
+
+
+def test_every_bad_on_status_entry_is_reported() -> None:
+    error = error_of(policy({"upstream": "a", "retry": {"on_status": [400, 503, 302, 404]}}))
+    assert error.problems == (
+        ("routes[0].retry.on_status[0]", "400 is never retried: the request itself is at fault"),
+        ("routes[0].retry.on_status[2]", "302 is not an error status (400-599)"),
+        ("routes[0].retry.on_status[3]", "404 is never retried: the request itself is at fault"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ({"upstreams": {"a": {"first_byte_timeout": 0}}}, "upstreams.a.first_byte_timeout"),
+        ({"upstreams": {"a": {"idle_timeout": "0s"}}}, "upstreams.a.idle_timeout"),
+        ({"upstreams": {"a": {"connect_timeout": "0ms"}}}, "upstreams.a.connect_timeout"),
+        ({"upstreams": {"a": {"max_duration": -1}}}, "upstreams.a.max_duration"),
+        ({"upstreams": {"a": {"eject_for": 0}}}, "upstreams.a.eject_for"),
+        ({"stream": {"keepalive_interval": 0}}, "stream.keepalive_interval"),
+        ({"stream": {"write_timeout": "0s"}}, "stream.write_timeout"),
+        ({"cache": {"timeout": 0}}, "cache.timeout"),
+        ({"reload": {"interval": "0"}}, "reload.interval"),
+    ],
+)
+def test_a_zero_or_negative_timeout_is_refused_with_the_forms(
+    section: dict[str, Any], value: str
+) -> None:
+    data = yaml.safe_load(policy({"upstream": "a"}))
+    for key, changes in section.items():
+        if key == "upstreams":
+            data["upstreams"]["a"].update(changes["a"])
+        else:
+            data[key] = changes
+    error = error_of(yaml.safe_dump(data))
+    assert error.problems == ((value, f"must be above 0; use {DURATION_FORMS}"),)
+    assert "250ms, 5s" in error.reason
+
+
+def test_a_zero_hook_timeout_is_refused() -> None:
+    step = {"step": "http_hook", "url": "http://127.0.0.1:1/hook", "timeout": "0s"}
+    error = error_of(policy({"upstream": "a", "prepare": [step]}))
+    assert error.path == "routes[0].prepare[0].timeout"
+    assert error.reason.startswith("must be above 0; use")
+
+
+def test_zero_stays_valid_where_it_means_off() -> None:
+    loaded = parse_policy(
+        policy(
+            {"upstream": "a", "cache": {"ttl": 0}, "retry": {"backoff": 0, "max_retry_wait": 0}},
+            shutdown={"accept_delay": 0, "drain_timeout": 0},
+        ),
+        "p.yaml",
+    )
+    assert loaded.policy.shutdown.drain_timeout == 0.0
+
+
+def test_a_retry_block_on_a_one_target_route_retries_once_by_default() -> None:
+    route = {"upstream": "a", "retry": {"backoff": "100ms"}}
+    compiled = compile_policy(parse_policy(policy(route), "p.yaml"), HookSession(), {}).routes[0]
+    assert compiled.retry.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("route", "problems"),
+    [
+        (
+            {"targets": [{"upstream": "a"}, {"upstream": "b"}]},
+            [("routes[0].targets", "name one target")],
+        ),
+        ({"upstream": "a", "strategy": "balance"}, [("routes[0].strategy", "`strategy`")]),
+        (
+            {"upstream": "a", "retry": {"attempts": 3}, "strategy": "fallback"},
+            [("routes[0].strategy", "`strategy`"), ("routes[0].retry", "`retry`")],
+        ),
+    ],
+)
+def test_a_relayed_route_names_one_upstream_and_no_retry_settings(
+    route: dict[str, Any], problems: list[tuple[str, str]]
+) -> None:
+    error = error_of(policy({**route, "coalesce": False}))
+    assert [path for path, _ in error.problems] == [path for path, _ in problems]
+    for (_, reason), (_, part) in zip(error.problems, problems, strict=True):
+        assert reason.startswith("a relayed route (coalesce: false) goes to one upstream, once")
+        assert part in reason
+
+
+def test_a_relayed_route_with_one_upstream_is_fine() -> None:
+    parse_policy(policy({"upstream": "a", "coalesce": False}), "p.yaml")
+
+
+@pytest.mark.parametrize(
+    ("step", "path"),
+    [
+        ({"step": "inject_key", "env": "OPENAI_API_KEY"}, "routes[0].prepare[0]"),
+        (
+            {"step": "set_headers", "headers": {"Authorization": "Bearer sk-x"}},
+            "routes[0].prepare[0].headers.Authorization",
+        ),
+        (
+            {"step": "set_headers", "headers": {"X-Debug": "1", "api-key": "az"}},
+            "routes[0].prepare[0].headers.api-key",
+        ),
+    ],
+)
+def test_a_route_level_credential_on_a_route_with_several_upstreams_is_refused(
+    step: dict[str, Any], path: str
+) -> None:
+    route = {"targets": [{"upstream": "a"}, {"upstream": "b"}], "prepare": [step]}
+    error = error_of(policy(route))
+    assert error.path == path
+    assert "would send one credential to every upstream of this route (a, b)" in error.reason
+    assert "upstreams.NAME.api_key_env" in error.reason
+
+
+def test_a_route_level_credential_is_fine_when_every_target_is_one_upstream() -> None:
+    targets = [{"upstream": "a"}, {"upstream": "a", "model": "other"}]
+    step = {"step": "set_headers", "headers": {"Authorization": "Bearer sk-x"}}
+    parse_policy(policy({"targets": targets, "prepare": [step]}), "p.yaml")
+
+
+def test_ejection_thresholds_are_per_upstream() -> None:
+    error = error_of(policy({"upstream": "a", "retry": {"eject_after": 3, "eject_for": "1m"}}))
+    assert error.problems == (
+        (
+            "routes[0].retry.eject_after",
+            "unknown key 'eject_after'; ejection is per upstream: set upstreams.NAME.eject_after",
+        ),
+        (
+            "routes[0].retry.eject_for",
+            "unknown key 'eject_for'; ejection is per upstream: set upstreams.NAME.eject_for",
+        ),
+    )

@@ -45,6 +45,9 @@ class CacheStats:
     breaker_state: BreakerState
     in_lane: int  # lookups admitted and not yet finished (queued or in a worker)
     writes_pending: int
+    local_hits: int  # hits answered by the local tier, without a backend round trip
+    local_bytes: int  # what the local tier holds now (0 without one)
+    hit_ratio: float  # hits / lookups so far (0.0 before any)
 
 
 class Cache(Protocol):

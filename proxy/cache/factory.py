@@ -61,6 +61,9 @@ def build_cache(
             max_connections=2 * lane.workers + lane.max_queue,
             write_timeout=config.timeout + config.max_entry_bytes / WRITE_BYTES_PER_SECOND,
         )
+    local = None
+    if config.backend == "redis" and config.local_tier is not None:
+        local = MemoryBackend(config.local_tier.max_bytes)
     return CacheLane(
         backend,
         workers=policy.stages.cache.workers,
@@ -68,4 +71,5 @@ def build_cache(
         timeout=config.timeout,
         breaker=CircuitBreaker(config.breaker.failures, config.breaker.reset_after),
         max_entry_bytes=config.max_entry_bytes,
+        local=local,
     )

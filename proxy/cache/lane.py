@@ -8,6 +8,14 @@ wrong (lane full, deadline passed, breaker open, backend error, corrupt
 record) the lookup answers None, a miss, and a counter says why; the cache
 may make a request faster, never fail it. The lane takes no stage slot.
 
+An optional local tier (an in-process `MemoryBackend`) sits in front of a
+backend that does I/O: a lookup it answers is a hit with no round trip, no
+queue and no breaker. It holds answers this process stored or fetched, each
+for no longer than the backend keeps it (a fetched copy expires when the
+backend's entry does). Entries never change under a key, the key being the
+request, so nothing needs invalidating; a store (a `no-cache` caller's write
+included) replaces the local copy at once.
+
 `store` never awaits: it starts a write task that the lane owns, bounded in
 number (writes past the bound are dropped, not queued), each bounded by
 `timeout` plus the time its bytes take at `WRITE_BYTES_PER_SECOND`. An
@@ -34,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 from proxy.cache import codec
 from proxy.cache.base import CachedAnswer, CacheStats
 from proxy.cache.breaker import CircuitBreaker
+from proxy.cache.memory import MemoryBackend
 
 # The slowest transfer rate a healthy backend is expected to sustain for one
 # write; a write gets `timeout` plus its size at this rate.
@@ -70,6 +79,13 @@ class InlineBackend(Protocol):
     def set_now(self, key: str, answer: CachedAnswer, ttl: float) -> bool: ...
 
 
+@runtime_checkable
+class TtlBackend(Protocol):
+    """A backend that tells how long an entry has left (for the local tier)."""
+
+    async def get_with_ttl(self, key: str) -> tuple[CachedAnswer | codec.Corrupt | None, float]: ...
+
+
 class _Outcome(enum.Enum):
     HIT = enum.auto()
     MISS = enum.auto()
@@ -100,6 +116,7 @@ class CacheLane:
         *,
         max_writes: int | None = None,
         max_entry_bytes: int | None = None,
+        local: MemoryBackend | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -111,6 +128,8 @@ class CacheLane:
         # inline in the caller's task (and so do its writes). It cannot fail
         # the way a network can either, so the breaker does not guard it.
         self._inline = backend if isinstance(backend, InlineBackend) else None
+        # Only in front of a backend that does I/O and can say what TTL is left.
+        self._local = local if self._inline is None and isinstance(backend, TtlBackend) else None
         self.workers = workers
         self.max_queue = max_queue
         self.timeout = timeout
@@ -138,8 +157,10 @@ class CacheLane:
         self._store_dropped = 0
         self._store_oversize = 0
         self._store_timeouts = 0
+        self._local_hits = 0
 
     def stats(self) -> CacheStats:
+        lookups = self._hits + self._misses
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
@@ -157,6 +178,9 @@ class CacheLane:
             breaker_state=self.breaker.state,
             in_lane=self._in_lane,
             writes_pending=len(self._writes),
+            local_hits=self._local_hits,
+            local_bytes=self._local.bytes_used if self._local is not None else 0,
+            hit_ratio=self._hits / lookups if lookups else 0.0,
         )
 
     # -- lookups ---------------------------------------------------------
@@ -176,6 +200,12 @@ class CacheLane:
             else:
                 self._hits += 1
             return answer
+        if self._local is not None:
+            answer = self._local.get_now(key)
+            if answer is not None:
+                self._hits += 1
+                self._local_hits += 1
+                return answer
         if self.breaker.refusing():
             return self._count(_Outcome.SKIPPED)
         if self._in_lane >= self.workers + self.max_queue:
@@ -238,9 +268,14 @@ class CacheLane:
         permit = self.breaker.allow()
         if permit is None:
             return (_Outcome.SKIPPED, None)
+        left = 0.0
         try:
             async with asyncio.timeout_at(job.deadline):
-                found = await self.backend.get(job.key)
+                if self._local is not None:
+                    assert isinstance(self.backend, TtlBackend)
+                    found, left = await self.backend.get_with_ttl(job.key)
+                else:
+                    found = await self.backend.get(job.key)
         except TimeoutError:
             # The deadline, or the backend's own socket timeout: either way the
             # backend dropped that connection, and it counts as a fault.
@@ -260,6 +295,8 @@ class CacheLane:
             # key; that costs one extra miss, never a wrong answer.
             self._spawn_write(self.backend.delete(job.key))
             return (_Outcome.CORRUPT, None)
+        if self._local is not None and left > 0:
+            self._local.set_now(job.key, found, left)
         return (_Outcome.HIT, found)
 
     # -- writes ----------------------------------------------------------
@@ -279,6 +316,9 @@ class CacheLane:
             else:
                 self._store_ok += 1
             return None
+        if self._local is not None:
+            # Replaces any older copy at once, whatever becomes of the backend write.
+            self._local.set_now(key, answer, ttl)
         return self._spawn_write(self.backend.set(key, answer, ttl), size)
 
     def _spawn_write(
@@ -349,5 +389,7 @@ class CacheLane:
             self._in_lane -= 1
             if not job.future.done():
                 job.future.set_result((_Outcome.SKIPPED, None))
+        if self._local is not None:
+            await self._local.close()
         with contextlib.suppress(Exception):
             await self.backend.close()

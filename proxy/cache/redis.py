@@ -85,6 +85,27 @@ class RedisBackend:
         answer = codec.decode(record) if isinstance(record, bytes) else None
         return codec.CORRUPT if answer is None else answer
 
+    async def get_with_ttl(self, key: str) -> tuple[CachedAnswer | codec.Corrupt | None, float]:
+        """The answer and the seconds it has left, in one round trip (GET and PTTL pipelined).
+
+        What the in-process tier needs to keep a copy no longer than Redis does.
+        Both commands name one key, so on a cluster they go to one master.
+        """
+        name = self.entry_name(key)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(name)
+                pipe.pttl(name)
+                record, left_ms = await pipe.execute()
+        except redis_errors.TimeoutError as exc:
+            raise TimeoutError("redis read timed out") from exc
+        if record is None:
+            return None, 0.0
+        answer = codec.decode(record) if isinstance(record, bytes) else None
+        # PTTL is -1 for a key without expiry (never written by us): keep no copy.
+        left = left_ms / 1000 if isinstance(left_ms, int) and left_ms > 0 else 0.0
+        return (codec.CORRUPT if answer is None else answer), left
+
     async def set(self, key: str, answer: CachedAnswer, ttl: float) -> None:
         record = codec.encode(answer)
         client = self._client if len(record) <= self._small_write else self._writer

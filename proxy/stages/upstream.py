@@ -11,23 +11,24 @@ Every call is bounded by its upstream's `max_duration`, `max_response_bytes`
 and `max_event_bytes`: past one, the call ends with an error (the stream's
 readers get it, nothing is cached), its connection is closed and its slot
 released, whether or not anyone is still reading.
+
+The call asks in the leader's own mode with the leader's own bytes: a
+plain call for `stream: false`, a stream (with usage) for `stream: true`.
+`relay_into` logs the response parsing nothing: a reader of the other
+mode converts it on first use (`proxy.convert`).
 """
 
 from __future__ import annotations
 
 import aiohttp
+import orjson
 
-from proxy.attempts import call_with_retries
+from proxy.attempts import body_done, body_failed, call_with_retries
 from proxy.classify import Ending, EventClassifier
+from proxy.convert import PlainAnswer
 from proxy.endpoint import Endpoint
-from proxy.errors import (
-    InBandError,
-    ProxyError,
-    UpstreamBroken,
-    UpstreamEventTooLarge,
-    UpstreamMalformed,
-)
-from proxy.headers import ATTEMPTS_HEADER, downstream_response_headers
+from proxy.errors import InBandError, UpstreamBroken, UpstreamEventTooLarge
+from proxy.headers import ATTEMPTS_HEADER, SHOULD_RETRY_HEADER, downstream_response_headers
 from proxy.intake import Intake
 from proxy.policy import Upstream
 from proxy.prepare import Outgoing
@@ -41,16 +42,31 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
     """Under an upstream slot: send `outgoing`, log the answer into `stream`."""
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
-    body = outgoing.endpoint.upstream_body(outgoing.body)
+    # The caller's own bytes unless a prepare step replaced the body.
+    raw = intake.raw if outgoing.body is intake.body else orjson.dumps(outgoing.body)
+    endpoint, streams = outgoing.endpoint, intake.wants_stream
+
+    def payload(model: str | None) -> bytes:
+        """What goes to a target: with its model rewrite, re-serialised."""
+        if model is None:
+            return endpoint.upstream_bytes(outgoing.body, raw, streams)
+        body = {**outgoing.body, "model": model}
+        return endpoint.upstream_bytes(body, orjson.dumps(body), streams)
+
     # max_duration counts from the slot: retries and their waits included.
     async with rt.stages.upstream.slot(intake.request_id), deadline(intake.route.upstream):
         # Each attempt is recorded on the stream and counted in the metrics there.
         opened = await call_with_retries(
-            rt, stream, intake.route, outgoing.path, intake.query, headers, body
+            rt, stream, intake.route, outgoing.path, intake.query, headers, payload
         )
         with opened.lease:
             # The answering target's bounds and idle timeout: a fallback may differ.
-            await relay_into(stream, outgoing.endpoint, opened.response, opened.upstream)
+            try:
+                await relay_into(stream, outgoing.endpoint, opened.response, opened.upstream)
+            except UpstreamBroken as exc:
+                body_failed(rt, stream, opened, exc)  # too late to retry; still its failure
+                raise
+            body_done(rt, opened)
 
 
 async def relay_into(
@@ -61,13 +77,15 @@ async def relay_into(
     try:
         down = downstream_response_headers(response.headers)
         down[ATTEMPTS_HEADER] = str(len(stream.attempts))
+        if stream.retries_spent:
+            down[SHOULD_RETRY_HEADER] = "false"
         is_sse = response.content_type == "text/event-stream"
         if response.status >= 300 or not is_sse:
             chunks = [chunk async for chunk in read_chunks(response, config)]
             head = Head(response.status, down, is_sse=False, body=b"".join(chunks))
             if 200 <= response.status < 300:
                 stream.open(head)
-                stream.assembled = head.body
+                stream.plain = PlainAnswer(endpoint, head.body or b"")
                 stream.end(complete=True)
             else:
                 stream.fail_before_head(head)
@@ -101,11 +119,9 @@ async def _events_into(
     outcome = classifier.finish(truncated=decoder.truncated)
     if outcome.ending is Ending.TRUNCATED:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
-    stream.assembled = outcome.assembled
-    # Neither error adds an event: streaming readers got the stream as the upstream sent it.
-    error: ProxyError | None = None
+    stream.assembly = outcome.assembly
+    # The upstream's own error: streaming readers got its event, and no other.
+    error = None
     if outcome.ending is Ending.UPSTREAM_ERROR and outcome.error is not None:
         error = InBandError(outcome.error)
-    elif outcome.ending is Ending.MALFORMED:
-        error = UpstreamMalformed("llm-sidecar: an event of the upstream's stream is not JSON")
     stream.end(complete=outcome.ending is Ending.COMPLETE, error=error)

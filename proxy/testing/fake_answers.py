@@ -38,6 +38,7 @@ __all__ = [
     "plan_chat",
     "plan_completion",
     "plan_response",
+    "refusal",
     "usage_requested",
 ]
 
@@ -75,6 +76,9 @@ class FakeSettings:
     compress: str | None = None  # "gzip": JSON answers compressed when the caller accepts it
     inband_error: int | None = None  # a stream ends with this error inside its 200 (fake_faults)
     bad_body: str | None = None  # a 200 that is not the endpoint's answer (fake_faults)
+    # "stream": 400 for `stream: true` (a model that may not stream); "stream_options":
+    # 400 for a body with `stream_options` (older Azure api-versions).
+    refuse: str | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -102,6 +106,8 @@ class FakeSettings:
             raise ValueError("bad_body must be text, json or event")
         if self.endless not in (None, *ENDLESS):
             raise ValueError(f"endless must be one of {ENDLESS}")
+        if self.refuse not in (None, "stream", "stream_options"):
+            raise ValueError("refuse must be 'stream' or 'stream_options'")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -123,6 +129,7 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "bad_body": str,
     "token_padding": int,
     "endless": str,
+    "refuse": str,
 }
 _OPTIONAL_FIELDS = frozenset(
     {
@@ -136,6 +143,7 @@ _OPTIONAL_FIELDS = frozenset(
         "inband_error",
         "bad_body",
         "endless",
+        "refuse",
     }
 )
 ENDLESS = ("events", "line")
@@ -367,6 +375,15 @@ def plan_response(body: JSON, settings: FakeSettings) -> tuple[Choice, JSON]:
         "total_tokens": words + len(plan.pieces),
     }
     return plan, usage
+
+
+def refusal(body: JSON, settings: FakeSettings) -> Reject | None:
+    """What an upstream that cannot stream, or knows no `stream_options`, answers."""
+    if settings.refuse == "stream_options" and "stream_options" in body:
+        return Reject(400, "Unrecognized request argument supplied: stream_options")
+    if settings.refuse == "stream" and body.get("stream") is True:
+        return Reject(400, "This model does not support streaming.", "unsupported_value")
+    return None
 
 
 def usage_requested(body: JSON) -> bool:

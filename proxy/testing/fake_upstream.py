@@ -48,6 +48,7 @@ from proxy.testing.fake_answers import (
     plan_chat,
     plan_completion,
     plan_response,
+    refusal,
     usage_requested,
 )
 
@@ -64,6 +65,8 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-error-times": ("error_times", int),
     "x-fake-retry-after": ("retry_after", str),
     "x-fake-retry-after-ms": ("retry_after_ms", int),
+    "x-fake-token-padding": ("token_padding", int),
+    "x-fake-endless": ("endless", str),
     "x-fake-drop-after": ("drop_after", int),
     "x-fake-dialect": ("dialect", str),
     "x-fake-line-ending": ("line_ending", str),
@@ -75,6 +78,10 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
 _AZURE_PATH = re.compile(
     r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings|responses)"
 )
+# With `x-fake-error-times`, errors are counted per request body: a caller
+# that retries the same request sees the first N fail, whatever else the
+# fake is serving at the time.
+_ERROR_TIMES_HEADER = "x-fake-error-times"
 
 
 def header_knobs() -> dict[str, str]:
@@ -143,6 +150,8 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.errors_sent = 0  # error_status answers, counted for error_times
+        # Error answers per canonical body, for the x-fake-error-times header.
+        self.errors_by_body: collections.Counter[bytes] = collections.Counter()
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -175,6 +184,7 @@ class FakeUpstream:
         self.calls_by_path.clear()
         self.requests.clear()
         self.errors_sent = 0
+        self.errors_by_body.clear()
         self.disconnects = 0
 
     # -- lifetime
@@ -234,12 +244,15 @@ class FakeUpstream:
             changes = orjson.loads(await request.read())
             if not isinstance(changes, dict):
                 raise TypeError("expected a JSON object")
-            unknown = set(changes) - {f.name for f in fields(FakeSettings)}
+            valid = [f.name for f in fields(FakeSettings)]
+            unknown = set(changes) - set(valid)
             if unknown:
-                raise TypeError(f"unknown settings: {sorted(unknown)}")
+                raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(valid)}")
             self.settings = replace(self.settings, **changes)
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             return _error_response(400, str(exc), "invalid_settings")
+        if "error_times" in changes or "error_status" in changes:
+            self.errors_sent = 0  # a new error budget counts from now
         return web.json_response(asdict(self.settings))
 
     # -- the API
@@ -255,12 +268,13 @@ class FakeUpstream:
             RecordedRequest(request.method, request.path, headers, raw, request.raw_path)
         )
         post = self._posts.get(_api_path(request.path)) if request.method == "POST" else None
+        body_key = _canonical_raw(raw)
         if post is not None:
-            self.calls[_canonical_raw(raw)] += 1
+            self.calls[body_key] += 1
             self.calls_by_path[request.path] += 1
         self.in_flight += 1
         try:
-            return await self._answer(request, raw, post)
+            return await self._answer(request, raw, body_key, post)
         except Reject as exc:
             return _error_response(exc.status, exc.message, exc.code)
         except asyncio.CancelledError:
@@ -270,11 +284,11 @@ class FakeUpstream:
             self.in_flight -= 1
 
     async def _answer(
-        self, request: web.Request, raw: bytes, post: _Handler | None
+        self, request: web.Request, raw: bytes, key: bytes, post: _Handler | None
     ) -> web.StreamResponse:
         settings = _with_overrides(self.settings, request)
-        key = settings.require_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+        required = settings.require_key
+        if required is not None and request.headers.get("Authorization") != f"Bearer {required}":
             # Never echo the presented key back.
             raise Reject(401, "Incorrect API key provided.", "invalid_api_key")
         if settings.header_delay > 0:
@@ -291,19 +305,32 @@ class FakeUpstream:
         if settings.dialect == "azure" and versioned and "api-version" not in request.query:
             # What Azure answers a data-plane call without its api-version.
             raise Reject(404, "Resource not found", "404")
+        refused = refusal(body, settings)
+        if refused is not None:
+            raise refused
         if settings.bad_body in ("text", "json") or (
             settings.bad_body == "event" and body.get("stream") is not True
         ):
             await self._hold_whole()
             content_type, bad = faults.bad_answer(settings.bad_body)
             return web.Response(body=bad, headers={"Content-Type": content_type})
-        times = settings.error_times
-        if settings.error_status is not None and (times is None or self.errors_sent < times):
-            self.errors_sent += 1  # counted before any wait, so concurrent calls see it
+        if settings.error_status is not None and self._errs(settings, request, key):
+            # Counted before any wait, so concurrent calls see it.
+            self.errors_sent += 1
+            self.errors_by_body[key] += 1
             await self._hold_whole()
             status = settings.error_status
             return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
+
+    def _errs(self, settings: FakeSettings, request: web.Request, key: bytes) -> bool:
+        """Whether this call gets `error_status`: every one, or the first `error_times`."""
+        times = settings.error_times
+        if times is None:
+            return True
+        if _ERROR_TIMES_HEADER in request.headers:
+            return self.errors_by_body[key] < times
+        return self.errors_sent < times
 
     def _get(self, request: web.Request, settings: FakeSettings) -> web.Response:
         if request.method == "GET" and request.path == "/v1/models":
@@ -555,7 +582,8 @@ def _with_overrides(settings: FakeSettings, request: web.Request) -> FakeSetting
         try:
             changes[name] = parse(value)
         except ValueError as exc:
-            raise Reject(400, f"{header}: {value!r} is not a number", "invalid_value") from exc
+            kind = "an integer" if parse is int else "a number"
+            raise Reject(400, f"{header}: {value!r} is not {kind}", "invalid_value") from exc
     if not changes:
         return settings
     try:

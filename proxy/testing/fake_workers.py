@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import multiprocessing
 import multiprocessing.queues
+import os
 import queue
 import signal
 import socket
@@ -56,13 +57,25 @@ SETTING_HELP = {
     "ends; a non-stream answer is that error with this status (default: off)",
     "bad_body": "answer 200 with what is not the endpoint's answer: text (text/plain), "
     "json (JSON cut short), event (a stream whose second event is not JSON) (default: off)",
+    "refuse": "answer 400 as an upstream that cannot stream does: `stream` refuses "
+    "`stream: true`, `stream_options` refuses a body with stream_options (default: off)",
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
 _TEXT_SETTINGS = frozenset(
-    {"require_key", "retry_after", "endless", "dialect", "line_ending", "compress", "bad_body"}
+    {
+        "require_key",
+        "retry_after",
+        "endless",
+        "refuse",
+        "dialect",
+        "line_ending",
+        "compress",
+        "bad_body",
+    }
 )
 _METAVARS = {
     "endless": "events|line",
+    "refuse": "stream|stream_options",
     "require_key": "KEY",
     "retry_after": "S|DATE",
     "retry_after_ms": "MS",
@@ -78,7 +91,8 @@ def _epilog() -> str:
     lines = [
         "Per-request knobs: these request headers override the flags above for one",
         "request (also as a fake_* query parameter, e.g. ?fake_dialect=vllm; the proxy",
-        "relays them upstream like any other header):",
+        "relays them upstream like any other header); x-fake-error-times counts the",
+        "errors sent to that request's body, so a retried request fails its first N tries:",
     ]
     for header, name in header_knobs().items():
         lines.append(f"  {header:<22} {_FLAGS.get(name, '--' + name.replace('_', '-'))}")
@@ -139,9 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers <= 1:
         import uvloop
 
-        uvloop.run(_serve(args.host, args.port, settings, reuse_port=False, ready=None))
+        try:
+            uvloop.run(_serve(args.host, args.port, settings, reuse_port=False, ready=None))
+        except OSError as exc:
+            print(_cannot_listen(args.host, args.port, exc), file=sys.stderr)
+            return 2
         return 0
     return _run_workers(args.host, args.port, settings, args.workers)
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return f"error: cannot listen on {host}:{port}: {reason}"
 
 
 async def _serve(
@@ -185,8 +208,8 @@ def _run_workers(host: str, port: int, settings: FakeSettings, workers: int) -> 
         reserve.bind((host, port))
     except OSError as exc:
         reserve.close()
-        print(f"error: cannot bind {host}:{port}: {exc}", file=sys.stderr)
-        return 1
+        print(_cannot_listen(host, port, exc), file=sys.stderr)
+        return 2
     port = reserve.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     ready: multiprocessing.queues.Queue[str] = context.Queue()

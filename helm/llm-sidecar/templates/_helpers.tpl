@@ -107,7 +107,7 @@ shutdown) come from the values; secrets appear only as env var names.
     "first_byte_timeout" $v.upstream.firstByteTimeout
     "idle_timeout" $v.upstream.idleTimeout
     "max_connections" $v.upstream.maxConnections }}
-{{- range $key, $value := dict "max_response_bytes" $v.upstream.maxResponseBytes "max_event_bytes" $v.upstream.maxEventBytes "max_duration" $v.upstream.maxDuration }}
+{{- range $key, $value := dict "max_response_bytes" $v.upstream.maxResponseBytes "max_event_bytes" $v.upstream.maxEventBytes "max_duration" $v.upstream.maxDuration "eject_after" $v.upstream.ejectAfter "eject_for" $v.upstream.ejectFor "max_eject_for" $v.upstream.maxEjectFor }}
 {{- if not (kindIs "invalid" $value) }}
 {{- $_ := set $upstream $key $value }}
 {{- end }}
@@ -132,7 +132,12 @@ shutdown) come from the values; secrets appear only as env var names.
 {{- end }}
 {{- $routes := list }}
 {{- range $v.policy.routes }}
+{{- /* A route that lists its targets names its upstreams itself. */}}
+{{- if hasKey . "targets" }}
+{{- $routes = append $routes . }}
+{{- else }}
 {{- $routes = append $routes (merge (dict) . (dict "upstream" $v.upstream.name)) }}
+{{- end }}
 {{- end }}
 {{- $policy := dict
     "listen" (dict "host" "0.0.0.0" "port" $v.port)
