@@ -19,6 +19,7 @@ from proxy.cache.factory import build_cache
 from proxy.errors import NotFound
 from proxy.gauges import watch
 from proxy.observe import OBSERVER, Observer
+from proxy.paths import API_PREFIXES
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
 from proxy.routing import compile_policy
@@ -39,7 +40,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    """Anything outside /v1 and the operator endpoints: an OpenAI-style 404."""
+    """Anything outside the API prefixes and the operator endpoints: an OpenAI-style 404."""
     error = NotFound("llm-sidecar: nothing is served at this path")
     return web.Response(status=error.status, body=error.body(), headers=error.headers())
 
@@ -64,8 +65,9 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
         _add_operator_routes(app)
     # [\s\S]: a path with an encoded CR or LF must reach intake and its 400,
     # not fall through the router's "." as a bare 404.
-    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", api)
-    app.router.add_route("*", "/v1", api)
+    for prefix in API_PREFIXES:  # /v1, and Azure's /openai
+        app.router.add_route("*", prefix + r"/{tail:[\s\S]*}", api)
+        app.router.add_route("*", prefix, api)
     app.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
     app.cleanup_ctx.append(_resources)
     return app

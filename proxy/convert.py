@@ -37,12 +37,13 @@ def parse(data: bytes) -> Any:
 class Assembly:
     """A streamed answer as the non-stream object, built on first use."""
 
-    __slots__ = ("_data", "_endpoint", "_result")
+    __slots__ = ("_data", "_endpoint", "_malformed", "_result")
 
     def __init__(self, endpoint: Endpoint, data: Sequence[bytes]) -> None:
         self._endpoint = endpoint
         self._data = data  # every event's data but [DONE], as the upstream sent it
         self._result: tuple[bytes | None, bool] | None = None
+        self._malformed = False
 
     @classmethod
     def built(cls, endpoint: Endpoint, body: bytes | None, whole: bool) -> Assembly:
@@ -54,10 +55,15 @@ class Assembly:
     def _build(self) -> tuple[bytes | None, bool]:
         if self._result is None:
             assemble = self._endpoint.assemble
-            if assemble is None:
+            payloads = [p for p in map(parse, self._data) if isinstance(p, dict)]
+            if len(payloads) < len(self._data):
+                # An event that is not a JSON object: relayed as sent to streaming
+                # readers, but it folds into nothing and is never cached.
+                self._malformed = True
+                self._result = (None, False)
+            elif assemble is None:
                 self._result = (None, True)
             else:
-                payloads = [p for p in map(parse, self._data) if isinstance(p, dict)]
                 final, whole = assemble(payloads)
                 self._result = (None if final is None else orjson.dumps(final), whole)
         return self._result
@@ -69,6 +75,11 @@ class Assembly:
     def whole(self) -> bool:
         """Every choice finished (or the response completed): cacheable."""
         return self._build()[1]
+
+    def malformed(self) -> bool:
+        """An event is not a JSON object: there is no object to fold it into."""
+        self._build()
+        return self._malformed
 
 
 class PlainAnswer:

@@ -83,6 +83,29 @@ class Endpoint:
     plain_whole: Callable[[Any], bool]  # a parsed non-stream answer is whole (cacheable)
     max_tokens_field: str | None  # where a clamp sets an absent limit; None: no tokens here
     has_instructions: bool  # a system message goes in `instructions` when there are no messages
+    answer_list: str  # the list every answer of this type holds: choices, data, output
+    # Fields that make a call change state upstream: never coalesced or cached.
+    stateful_fields: tuple[str, ...] = ()
+
+    def well_formed(self, content_type: str, body: bytes | None) -> bool:
+        """A plain answer is this endpoint's own: a JSON object holding its list.
+
+        Only such an answer is cached; anything else (text/plain, JSON that
+        does not parse, another object) reaches its callers as sent, once.
+        """
+        media = content_type.partition(";")[0].strip().lower()
+        if body is None or not (media == "application/json" or media.endswith("+json")):
+            return False
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(answer, dict) and isinstance(answer.get(self.answer_list), list)
+
+    def stateful(self, body: dict[str, Any]) -> bool:
+        """A call whose every copy must reach the upstream (a Responses background
+        create, or one that adds to a conversation): relayed as sent."""
+        return any(body.get(name) not in (None, False) for name in self.stateful_fields)
 
     def upstream_bytes(self, body: dict[str, Any], raw: bytes, wants_stream: bool) -> bytes:
         """What goes upstream for a caller whose request is `raw` (parsed: `body`).
@@ -117,6 +140,7 @@ CHAT = Endpoint(
     plain_whole=_choices_whole,
     max_tokens_field="max_tokens",
     has_instructions=False,
+    answer_list="choices",
 )
 COMPLETIONS = Endpoint(
     name="completions",
@@ -127,6 +151,7 @@ COMPLETIONS = Endpoint(
     plain_whole=_choices_whole,
     max_tokens_field="max_tokens",
     has_instructions=False,
+    answer_list="choices",
 )
 EMBEDDINGS = Endpoint(
     name="embeddings",
@@ -137,6 +162,7 @@ EMBEDDINGS = Endpoint(
     plain_whole=_whole,
     max_tokens_field=None,
     has_instructions=False,
+    answer_list="data",
 )
 RESPONSES = Endpoint(
     name="responses",
@@ -147,6 +173,10 @@ RESPONSES = Endpoint(
     plain_whole=_response_whole,
     max_tokens_field="max_output_tokens",
     has_instructions=True,
+    answer_list="output",
+    # `store` and `previous_response_id` are not here: they read state that
+    # never changes, and are part of the key (README, "Stateful Responses calls").
+    stateful_fields=("background", "conversation"),
 )
 
 # (method, path template, endpoint). A `{name}` segment matches one path
@@ -157,6 +187,18 @@ _ROWS: tuple[tuple[str, str, Endpoint], ...] = (
     ("POST", "/v1/completions", COMPLETIONS),
     ("POST", "/v1/embeddings", EMBEDDINGS),
     ("POST", "/v1/responses", RESPONSES),
+    # Azure OpenAI: the AzureOpenAI client's paths (the deployment in the
+    # path, `?api-version=` in the query, both in the key), its Responses
+    # path, and the v1 API's.
+    ("POST", "/openai/deployments/{deployment}/chat/completions", CHAT),
+    ("POST", "/openai/deployments/{deployment}/completions", COMPLETIONS),
+    ("POST", "/openai/deployments/{deployment}/embeddings", EMBEDDINGS),
+    ("POST", "/openai/deployments/{deployment}/responses", RESPONSES),
+    ("POST", "/openai/responses", RESPONSES),
+    ("POST", "/openai/v1/chat/completions", CHAT),
+    ("POST", "/openai/v1/completions", COMPLETIONS),
+    ("POST", "/openai/v1/embeddings", EMBEDDINGS),
+    ("POST", "/openai/v1/responses", RESPONSES),
 )
 
 _SEGMENT = re.compile(r"\{[a-z_]+\}")

@@ -6,6 +6,8 @@ OpenAI `type` and `code`, and any `Retry-After` live here and nowhere else.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 
@@ -137,6 +139,54 @@ class UpstreamTooLong(UpstreamBroken):
     """The upstream's response was still running after `max_duration`."""
 
     code = "upstream_response_too_long"
+
+
+class UpstreamMalformed(ProxyError):
+    """A 2xx answer the proxy had to parse, and could not: it is not of the endpoint's type."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_malformed"
+
+
+# Error codes that say their status in words (OpenAI's); a number says it itself.
+_CODE_STATUS = {"rate_limit_exceeded": 429, "insufficient_quota": 429}
+
+
+class InBandError(ProxyError):
+    """The upstream's own error, sent inside a 200 stream (an `error` chunk or event).
+
+    Reaches a non-stream reader as the upstream said it: its error object,
+    with the status its code names (a number from 400 to 599, or a known
+    word such as `rate_limit_exceeded`), else 502. Streaming readers already
+    got the upstream's event; nothing is added to the stream.
+    """
+
+    type = "upstream_error"
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        message = error.get("message")
+        super().__init__(message if isinstance(message, str) else "the upstream sent an error")
+        self.error = error
+        self.status = _status_of(error.get("code"))
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": self.error})
+
+    def headers(self) -> dict[str, str]:
+        # The upstream's error, not the proxy's: the reply says which path served it.
+        return {"Content-Type": "application/json"}
+
+
+def _status_of(code: Any) -> int:
+    if isinstance(code, str):
+        if code.isdigit():
+            code = int(code)
+        else:
+            return _CODE_STATUS.get(code, 502)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    return 502
 
 
 class HookRejected(ProxyError):

@@ -54,7 +54,8 @@ def request_id_of(request: web.Request, new_id: Callable[[], str]) -> str:
 
 def confined(request: web.Request) -> web.Request:
     """The request with its path in canonical form (`proxy.paths`); a path
-    that is malformed or leaves /v1 is a 400 and goes nowhere."""
+    that is malformed or leaves the API (/v1, or Azure's /openai) is a 400
+    and goes nowhere."""
     raw = request.rel_url.raw_path
     try:
         path = confine(raw)

@@ -17,7 +17,8 @@ The canonical form (RFC 3986 §6.2.2, plus what proxies such as Envoy's
   malformed escapes, double-encoded dots, slashes or controls (`%252e`,
   for upstreams that decode twice) and `..;` path parameters are refused.
 
-The result must be the prefix (`/v1`) or lie under it. Pure: no I/O, no aiohttp.
+The result must be an API prefix (`/v1`, or Azure's `/openai`) or lie under
+it. Pure: no I/O, no aiohttp.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import re
 from urllib.parse import unquote_to_bytes
 
 API_PREFIX = "/v1"
+# Where the API lives: OpenAI's /v1, and Azure OpenAI's /openai (its
+# deployment paths and its v1 API), which routes may match like /v1.
+API_PREFIXES = (API_PREFIX, "/openai")
 
 # pchar (RFC 3986 §3.3) minus pct-encoded: the bytes that need no escape.
 _PLAIN = frozenset(
@@ -47,14 +51,20 @@ class PathRejected(ValueError):
     """The path cannot be forwarded. The message says why without echoing it."""
 
 
-def confine(raw: str, prefix: str = API_PREFIX) -> str:
+def confine(raw: str, prefix: str | tuple[str, ...] = API_PREFIXES) -> str:
     """The canonical form of `raw` (a request-target's path, still encoded,
     without the query), or PathRejected when it is malformed or not under
-    `prefix`. Idempotent: a canonical path is returned unchanged."""
+    `prefix` (one of them). Idempotent: a canonical path is returned unchanged."""
     path = raw if _FAST.fullmatch(raw) and "/." not in raw else _normalise(raw)
-    if path != prefix and not path.startswith(prefix + "/"):
-        raise PathRejected(f"the path must stay under {prefix}/")
+    prefixes = (prefix,) if isinstance(prefix, str) else prefix
+    if not any(under(path, one) for one in prefixes):
+        raise PathRejected(f"the path must stay under {'/ or '.join(prefixes)}/")
     return path
+
+
+def under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or lies under it, a whole segment at a time."""
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def _normalise(raw: str) -> str:

@@ -48,6 +48,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             return await relay(request, route, request_id, rt, policy.limits, policy.stream)
         raw = await read_body(request, policy.limits)
         intake = coalescible_intake(request, route, endpoint, raw, request_id)
+        if endpoint.stateful(intake.body):
+            # Each call changes state upstream: it must reach it every time, as sent.
+            return await relay(request, route, request_id, rt, policy.limits, policy.stream, raw)
         return await send_whole(request, await coalesce(request, intake, rt), policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)

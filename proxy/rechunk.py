@@ -218,7 +218,10 @@ def _chat_parts(choice: JSON) -> list[JSON] | None:
             for name, value in call.items():
                 if name == "function":
                     opening[name] = {**function, "arguments": ""}
-                else:
+                elif name != "index":
+                    # The stream's index is the call's place in the list: Ollama's
+                    # whole answer numbers every parallel call 0, which would glue
+                    # their arguments together.
                     opening[name] = value
             parts.append(_chat_part(index, {"tool_calls": [opening]}))
             arguments = function.get("arguments")

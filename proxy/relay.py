@@ -4,6 +4,12 @@ Bodies stream both ways; an SSE response passes through chunk by chunk.
 Used for GET /v1/models, files, unknown endpoints and routes with
 `coalesce: false`.
 
+Content codings, like nginx: a response body passes through as the upstream
+encoded it, with its `Content-Encoding` and `Content-Length` untouched (the
+caller's `Accept-Encoding` is what the upstream is asked). A request body is
+decoded by the server as it arrives (aiohttp), so it goes upstream decoded,
+without `Content-Encoding` and without the caller's encoded `Content-Length`.
+
 The upstream's bounds hold here too: the exchange ends at `max_duration`
 and the body at `max_response_bytes` (an SSE body with an error event, any
 other body cut). A caller whose socket does not drain within
@@ -71,11 +77,13 @@ async def relay(
     rt: Runtime,
     limits: Limits,
     settings: StreamSettings,
+    read: bytes | None = None,
 ) -> web.StreamResponse:
+    """Relay `request`; `read` is its body when intake already read it."""
     # The session is held until the response is relayed: a reload that
     # replaces the upstream closes it only after.
     with rt.pool.lease(route.upstream_name, route.upstream) as session:
-        return await _relay(request, route, request_id, rt, limits, settings, session)
+        return await _relay(request, route, request_id, rt, limits, settings, session, read)
 
 
 async def _relay(
@@ -86,13 +94,18 @@ async def _relay(
     limits: Limits,
     settings: StreamSettings,
     session: aiohttp.ClientSession,
+    read: bytes | None,
 ) -> web.StreamResponse:
     config = route.upstream
     limit = limits.max_body_bytes
     started = asyncio.get_running_loop().time()
     headers = route.upstream_headers(request.headers, request_id)
+    accept = request.headers.get("Accept-Encoding")
+    if accept is not None:
+        headers["Accept-Encoding"] = accept
     body: _LimitedBody | None = None
-    if request.body_exists:
+    # A body intake `read` was read whole, under the limit and decoded: sent as bytes.
+    if read is None and request.body_exists:
         length = request.content_length
         if length is not None:
             if length > limit:
@@ -108,7 +121,13 @@ async def _relay(
     try:
         async with deadline(config, started):
             upstream = await open_upstream(
-                session, config, request.method, url, headers, body.chunks() if body else None
+                session,
+                config,
+                request.method,
+                url,
+                headers,
+                read if read is not None else body.chunks() if body else None,
+                passthrough=True,
             )
     except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
@@ -123,6 +142,9 @@ async def _relay(
     try:
         check_declared_size(upstream, config)  # before the head: the caller gets a 502
         out_headers = downstream_response_headers(upstream.headers)
+        encoding = upstream.headers.get("Content-Encoding")
+        if encoding is not None:
+            out_headers["Content-Encoding"] = encoding  # the bytes below are still encoded
         out_headers["X-Request-Id"] = request_id
         out_headers[SERVED_BY] = Served.BYPASS
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
@@ -146,8 +168,9 @@ async def _relay(
                     if transport.get_write_buffer_size() > high_water:
                         await drain_within(writer, write_timeout)
         except UpstreamBroken as exc:  # cut, idle, or past a bound
-            if not is_sse:
-                # A cut body must look cut to the caller, not complete.
+            if not is_sse or encoding is not None:
+                # A cut body must look cut to the caller, not complete (and an
+                # encoded stream cannot take a plain error event).
                 transport.close()
                 return response
             async with write_deadline(transport, write_timeout):

@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 from proxy.backpressure import drain_within, write_deadline
 from proxy.cache.base import CachedAnswer
 from proxy.convert import PlainAnswer
-from proxy.errors import ProxyError, UpstreamBroken
+from proxy.errors import ProxyError, UpstreamBroken, UpstreamMalformed
 from proxy.headers import ATTEMPTS_HEADER, SERVED_BY, SHOULD_RETRY_HEADER, Served
 from proxy.intake import Intake
 from proxy.policy import StreamSettings
@@ -52,7 +52,15 @@ if not callable(getattr(StreamWriter, "send_headers", None)):
         "llm-sidecar: aiohttp's StreamWriter.send_headers is gone; fan-out needs it."
         " Install the aiohttp series pyproject.toml pins."
     )
-_DROP_FROM_JSON = ("content-type", "content-length", "transfer-encoding")
+# A JSON reply built from a stream (or a cache hit) is not a stream: the
+# upstream's framing and its stream-only headers do not describe it.
+_DROP_FROM_JSON = (
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "cache-control",
+    "x-accel-buffering",
+)
 _SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 
@@ -61,6 +69,8 @@ def error_response(
 ) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
+    if served is not None:
+        headers.setdefault(SERVED_BY, served)  # a proxy-made error already says "error"
     return web.Response(status=error.status, body=error.body(), headers=headers)
 
 
@@ -298,13 +308,16 @@ class StreamReply:
                 await asyncio.shield(stream.finished)
                 if stream.error is not None:
                     raise stream.error
-                events = None
                 if intake.wants_stream and stream.plain_call and stream.plain is not None:
                     # A streaming reader of a plain call; a streamed call the
                     # upstream answered in JSON reaches its readers as it is.
                     events = stream.plain.events()
-                if events is not None:
-                    return restreamed_response(head.status, head.headers, intake, served, events)
+                    if events is not None:
+                        return restreamed_response(
+                            head.status, head.headers, intake, served, events
+                        )
+                    if intake.endpoint.restream is not None:
+                        raise _no_stream_form()
             return web.Response(
                 status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
             )
@@ -317,6 +330,10 @@ class StreamReply:
         await asyncio.shield(stream.finished)
         body = None if stream.assembly is None else stream.assembly.body()
         if body is None:
+            if stream.error is None and stream.assembly is not None and stream.assembly.malformed():
+                raise UpstreamMalformed(
+                    "llm-sidecar: an event of the upstream's stream is not JSON"
+                )
             raise stream.error or UpstreamBroken("llm-sidecar: the upstream answer was incomplete")
         return web.Response(
             status=head.status, body=body, headers=_json_headers(head.headers, intake, served)
@@ -356,7 +373,7 @@ class StreamReply:
         else:
             events = None if stream.plain is None else stream.plain.events()
             if events is None:
-                raise UpstreamBroken("llm-sidecar: the upstream answer has no stream form")
+                raise _no_stream_form()
             skip = None if intake.wants_usage else events.usage_event
             payload = b"".join(raw for index, raw in enumerate(events.events) if index != skip)
         out.write(payload)
@@ -364,6 +381,12 @@ class StreamReply:
             trail.first_byte_at, trail.bytes_out = time.perf_counter(), len(payload)
         await out.end()
         return out.response
+
+
+def _no_stream_form() -> UpstreamMalformed:
+    # A 200 that is not the endpoint's answer: a streaming reader of the
+    # plain call it answered cannot be given its stream.
+    return UpstreamMalformed("llm-sidecar: the upstream's answer is not the endpoint's JSON")
 
 
 def _upstream_error_event(head: Head) -> bytes:

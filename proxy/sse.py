@@ -1,8 +1,31 @@
 """A sans-IO Server-Sent Events codec.
 
-`SSEDecoder.feed(bytes)` returns the complete events in those bytes, each
-with the exact bytes the upstream framed it with, so a stored event replays
-byte for byte. No I/O, no aiohttp: it is tested with input split at every
+`SSEDecoder` follows the WHATWG HTML standard, section 9.2.6 "Interpreting an
+event stream", line by line:
+
+* CR LF, a bare LF or a bare CR ends a line; a leading U+FEFF is ignored;
+* a line starting with ":" is a comment; `data` lines are joined with LF;
+  `event` sets the type; other fields (`id`, `retry`) change nothing here;
+* a blank line dispatches the event, unless it has no `data` line;
+* at the end of input an unfinished event is discarded (`finish`).
+
+A bare-CR blank line is dispatched as soon as it arrives: a CR at the end of
+one read could be the first half of a CR LF, but waiting for the next read
+would hold a whole event (and its first token) back. Once the stream has
+used CR LF, a blank line's CR at the end of a read is instead held for its
+LF (which the upstream wrote in the same breath), so that an event's bytes
+do not depend on how the reads were cut.
+
+With `max_event_bytes`, an event, the unfinished one, or the bytes that
+lead it (comments) past that many bytes raises `EventTooLarge`, so a body
+that never ends an event cannot grow the buffer without bound.
+
+Each event keeps `raw`, the exact bytes it was framed with, for a replay
+byte for byte. Bytes that dispatch nothing (comments, an event without
+data, the LF of a CR LF split from its CR) lead the next event's `raw`:
+the concatenated `raw` of every event, then `pending`, is exactly what was
+fed. A feed costs time proportional to the bytes fed, never to what is
+buffered. No I/O, no aiohttp: it is tested with the input split at every
 byte.
 """
 
@@ -11,6 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DONE = b"[DONE]"
+_CR = 0x0D
+_LF = 0x0A
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,94 +60,158 @@ class EventTooLarge(ValueError):
 
 
 class SSEDecoder:
-    """Incremental decoder; one per upstream response.
+    """Incremental decoder; one per upstream response."""
 
-    A read costs in proportion to its own bytes, not to what is buffered:
-    the unfinished event grows in place and the search for a line's end
-    resumes where the last read left it. With `max_event_bytes`, an event
-    (or the unfinished one) past that many bytes raises EventTooLarge, so a
-    body that never ends an event cannot grow the buffer without bound.
-    """
-
-    __slots__ = ("_buf", "_data", "_event", "_line_start", "_max", "_scan")
+    __slots__ = (
+        "_after_cr",
+        "_crlf",
+        "_data",
+        "_event",
+        "_held",
+        "_held_cr",
+        "_lead",
+        "_line",
+        "_max",
+        "_raw",
+        "_started",
+    )
 
     def __init__(self, max_event_bytes: int | None = None) -> None:
-        self._buf = bytearray()  # the unfinished event, from its first byte
-        self._line_start = 0  # where its unfinished line starts in _buf
-        self._scan = 0  # where the search for that line's end resumes
+        self._max = max_event_bytes
+        # What `_raw` holds, and how much of it leads the next event (bytes
+        # that dispatched nothing): each is bounded by `_max` on its own.
+        self._held = 0
+        self._lead = 0
+        # Only the read being fed is searched; what earlier reads left over
+        # waits in these lists and is joined once, when its line or event ends.
+        self._raw: list[bytes] = []  # fed bytes not yet part of a dispatched event
+        self._line: list[bytes] = []  # the start of an unfinished line
+        self._after_cr = False  # the last line ended in CR: an LF next completes a CR LF
+        self._held_cr = False  # a blank line's CR ended the last read (CR LF stream)
+        self._crlf = False  # this stream has used CR LF
+        self._started = False  # the first line (which may carry a BOM) was seen
         self._data: list[bytes] = []
         self._event: str | None = None
-        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        pending = self._buf
-        buf: bytes | bytearray
-        if pending:
-            pending += chunk  # amortised in place: no copy of what is buffered
-            buf = pending
-        else:
-            buf = chunk  # the common case: nothing pending, no copy at all
         events: list[SSEEvent] = []
-        start = self._line_start
-        scan = self._scan
-        event_start = 0
-        size = len(buf)
-        nl = -2  # the next LF at or after `scan`; -1: none up to `size`; -2: not looked yet
-        while start < size:
-            if nl != -1 and nl < scan:
-                nl = buf.find(b"\n", scan)
-            cr = buf.find(b"\r", scan, nl if nl >= 0 else size)
-            if cr >= 0:
-                if cr + 1 == size:
-                    scan = cr  # a lone CR at the end may be half of CRLF
+        size = len(chunk)
+        pos = 0  # the next line starts here
+        seg = 0  # chunk[seg:] is not yet in a dispatched event
+        if not size:
+            return events
+        if self._held_cr:
+            self._held_cr = False
+            pos = 1 if chunk[0] == _LF else 0
+            self._dispatch(events, chunk[:pos])
+            seg = pos
+        elif self._after_cr:
+            self._after_cr = False
+            if chunk[0] == _LF:
+                self._crlf = True
+                pos = 1
+        lf = -1
+        lf_clear = pos  # no LF in chunk[pos:lf_clear]
+        while pos < size:
+            if lf < pos and lf_clear < size:
+                # Each byte is searched for LF at most once, even in a CR-only stream.
+                lf = chunk.find(b"\n", max(pos, lf_clear))
+                lf_clear = size if lf < 0 else lf
+            end = chunk.find(b"\r", pos, lf if lf >= pos else size)
+            if end < 0:
+                if lf < pos:
+                    self._line.append(chunk[pos:])
                     break
-                end = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
-                line_end = cr
-            elif nl >= 0:
-                end = nl + 1
-                line_end = nl
+                end = lf
+            if chunk[end] == _LF:
+                term = end + 1
+            elif end + 1 < size:
+                term = end + 2 if chunk[end + 1] == _LF else end + 1
+                self._crlf = self._crlf or term == end + 2
             else:
-                scan = size
-                break
-            line = buf[start:line_end]
-            start = scan = end
-            if not line:
-                if self._max is not None and end - event_start > self._max:
-                    raise EventTooLarge(end - event_start, events)
-                if self._data or self._event is not None:
-                    raw = bytes(buf[event_start:end])
-                    events.append(SSEEvent(raw, self._event, b"\n".join(self._data)))
-                self._data = []
+                term = size
+                if self._crlf and end == pos and not self._line:
+                    # A blank line's CR in a CR LF stream: its LF is on the way,
+                    # and the event's bytes should not depend on where reads end.
+                    self._held_cr = True
+                    pos = size
+                    break
+                self._after_cr = True
+            if self._line:
+                self._line.append(chunk[pos:end])
+                content = b"".join(self._line)
+                self._line = []
+            else:
+                content = chunk[pos:end]
+            pos = term
+            if not self._started:
+                self._started = True
+                content = content.removeprefix(_BOM)
+            if content:
+                self._field(content)
+            elif self._data:
+                self._dispatch(events, chunk[seg:term])
+                seg = term
+            else:
                 self._event = None
-                event_start = end
-                continue
-            self._field(line)
-        # Keep only the unfinished event so the buffer never grows past one.
-        if buf is pending:
-            del pending[:event_start]
-        elif event_start < size:
-            pending += memoryview(chunk)[event_start:]
-        self._line_start = start - event_start
-        self._scan = scan - event_start
-        if self._max is not None and len(pending) > self._max:
-            raise EventTooLarge(len(pending), events)
+                self._lead = self._held + term - seg  # all so far leads the next event
+        if seg < size:
+            self._raw.append(chunk[seg:] if seg else chunk)
+            self._held += size - seg
+        cap = self._max
+        if cap is not None and (self._held - self._lead > cap or self._lead > cap):
+            raise EventTooLarge(max(self._held - self._lead, self._lead), events)
         return events
 
-    def _field(self, line: bytes | bytearray) -> None:
+    def finish(self) -> list[SSEEvent]:
+        """End of input: a held CR ends its line; an unfinished event is discarded."""
+        events: list[SSEEvent] = []
+        if self._held_cr:
+            self._held_cr = False
+            self._dispatch(events, b"")
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Fed bytes that are not (yet) part of a dispatched event."""
+        return b"".join(self._raw)
+
+    @property
+    def truncated(self) -> bool:
+        """An event was begun and not dispatched: the input stopped mid-event."""
+        return bool(self._data or self._line or self._held_cr) or self._event is not None
+
+    def _dispatch(self, events: list[SSEEvent], tail: bytes) -> None:
+        if self._raw:
+            self._raw.append(tail)
+            raw = b"".join(self._raw)
+            self._raw = []
+        else:
+            raw = tail
+        self._held = 0
+        if self._data:
+            own = len(raw) - self._lead
+            if self._max is not None and own > self._max:
+                raise EventTooLarge(own, events)
+            data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+            events.append(SSEEvent(raw, self._event, data))
+            self._lead = 0
+        elif raw:
+            self._raw.append(raw)  # nothing to dispatch: these bytes lead the next event
+            self._held = self._lead = len(raw)
+        self._data = []
+        self._event = None
+
+    def _field(self, line: bytes) -> None:
         if line[0] == 0x3A:  # ":" starts a comment
             return
         name, sep, value = line.partition(b":")
         if sep and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
-            self._data.append(bytes(value))
+            self._data.append(value)
         elif name == b"event":
-            self._event = value.decode("utf-8", "replace")
-
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an event not yet terminated by a blank line."""
-        return bytes(self._buf)
+            self._event = value.decode("utf-8", "replace") or None
 
 
 def chunk_frame(data: bytes) -> bytes:

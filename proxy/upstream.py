@@ -24,7 +24,7 @@ from proxy.errors import (
     UpstreamTooLong,
     UpstreamUnavailable,
 )
-from proxy.paths import PathRejected, confine
+from proxy.paths import API_PREFIX, PathRejected, confine, under
 from proxy.policy import Upstream
 
 
@@ -109,7 +109,8 @@ def _base(base_url: str) -> str:
 
 
 def upstream_url(config: Upstream, path: str, query: str) -> URL:
-    """Map `/v1/...` onto the upstream's base URL (which ends in its own /v1).
+    """Map `/v1/...` onto the upstream's base URL (which ends in its own /v1);
+    Azure's `/openai/...` goes under its base URL whole (the resource's root).
 
     `path` must be canonical (`proxy.paths`, done at intake) and `query` raw:
     the URL is built encoded, so no normaliser between here and the socket
@@ -120,7 +121,7 @@ def upstream_url(config: Upstream, path: str, query: str) -> URL:
         path = confine(path)
     except PathRejected as exc:
         raise BadPath(f"llm-sidecar: the request path is not allowed: {exc}") from exc
-    url = _base(config.base_url) + path[3:]
+    url = _base(config.base_url) + (path[3:] if under(path, API_PREFIX) else path)
     return URL(f"{url}?{query}" if query else url, encoded=True)
 
 
@@ -131,12 +132,27 @@ async def open_upstream(
     url: URL,
     headers: CIMultiDict[str],
     data: bytes | AsyncIterator[bytes] | None,
+    *,
+    passthrough: bool = False,
 ) -> aiohttp.ClientResponse:
-    """Send the request; return once response headers arrive."""
+    """Send the request; return once response headers arrive.
+
+    With `passthrough` (the relay), the body comes back as the upstream
+    encoded it: nothing is decompressed, and no `Accept-Encoding` is added
+    beyond what the caller sent, so the bytes match their `Content-Encoding`
+    and `Content-Length` for the caller. Otherwise aiohttp asks for gzip and
+    decodes it, for the proxy's own parsing.
+    """
     try:
         async with asyncio.timeout(config.first_byte_timeout):
             return await session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                auto_decompress=False if passthrough else None,  # None: the session's (True)
+                skip_auto_headers=("Accept-Encoding",) if passthrough else None,
             )
     except TimeoutError as exc:
         raise UpstreamTimeout(

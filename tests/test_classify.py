@@ -34,10 +34,12 @@ CHAT_WHOLE = _sse(_chunk("Hel"), _chunk("lo", "stop"), USAGE, b"[DONE]")
 
 
 def _classify(endpoint: Endpoint, parts: list[bytes]) -> tuple[list[LogEvent], Outcome]:
+    # As the upstream stage does: the decoder's end of input, then the verdict.
     decoder = SSEDecoder()
     classifier = EventClassifier(endpoint)
     events = [classifier.feed(e) for part in parts for e in decoder.feed(part)]
-    return events, classifier.finish()
+    events += [classifier.feed(e) for e in decoder.finish()]
+    return events, classifier.finish(truncated=decoder.truncated)
 
 
 def _every_split(stream: bytes) -> list[list[bytes]]:
@@ -62,8 +64,33 @@ def _summary(outcome: Outcome) -> tuple[Ending, bytes | None, bool | None]:
     [
         (CHAT, CHAT_WHOLE, Ending.COMPLETE, True),
         (CHAT, _sse(_chunk("Hel"), _chunk("lo"), b"[DONE]"), Ending.COMPLETE, False),
-        (CHAT, _sse(_chunk("Hel"), _chunk("lo", "stop")), Ending.TRUNCATED, None),
+        # No [DONE], but every choice finished and the input ended cleanly: whole.
+        (CHAT, _sse(_chunk("Hel"), _chunk("lo", "stop")), Ending.COMPLETE, True),
+        (CHAT, _sse(_chunk("Hel"), _chunk("lo", "stop"), USAGE), Ending.COMPLETE, True),
+        (CHAT, _sse(_chunk("Hel"), _chunk("lo")), Ending.TRUNCATED, None),
+        # Every choice finished, then an event begun and never ended: cut.
+        (CHAT, _sse(_chunk("Hel"), _chunk("lo", "stop")) + b'data: {"id"', Ending.TRUNCATED, None),
+        (CHAT, CHAT_WHOLE.replace(b"\n", b"\r"), Ending.COMPLETE, True),
+        (
+            CHAT,
+            _sse(_chunk("Hel"), _chunk("lo", "stop")).replace(b"\n", b"\r\n"),
+            Ending.COMPLETE,
+            True,
+        ),
         (CHAT, _sse(_chunk("Hel"), {"error": {"message": "boom"}}), Ending.UPSTREAM_ERROR, None),
+        # An event that is not a JSON object: whole, relayed, but never folded or cached.
+        (
+            CHAT,
+            _sse(_chunk("Hel"), b"not json", _chunk("lo", "stop"), b"[DONE]"),
+            Ending.COMPLETE,
+            False,
+        ),
+        (
+            CHAT,
+            _sse(_chunk("Hel"), b"[1, 2]", _chunk("lo", "stop"), b"[DONE]"),
+            Ending.COMPLETE,
+            False,
+        ),
         (
             RESPONSES,
             _sse(
@@ -89,6 +116,13 @@ def _summary(outcome: Outcome) -> tuple[Ending, bytes | None, bool | None]:
             False,
         ),
         (RESPONSES, _sse({"type": "response.created"}, b"[DONE]"), Ending.TRUNCATED, None),
+        (RESPONSES, _sse({"type": "response.created"}), Ending.TRUNCATED, None),
+        (
+            RESPONSES,
+            _typed({"type": "response.created"}) + _typed({"type": "error", "code": "x"}),
+            Ending.UPSTREAM_ERROR,
+            None,
+        ),
         (EMBEDDINGS, _sse({"data": []}, b"[DONE]"), Ending.COMPLETE, True),
     ],
 )
@@ -102,7 +136,9 @@ def test_outcome_is_the_same_at_every_byte_split(
         events, outcome = _classify(endpoint, parts)
         assert _summary(outcome) == expected
         assert events == whole_events
-        assert b"".join(e.raw for e in events) == stream
+        logged = b"".join(e.raw for e in events)
+        # What a cut left unfinished is not an event: it is never logged.
+        assert logged == stream or (ending is Ending.TRUNCATED and stream.startswith(logged))
 
 
 def test_chat_events_are_logged_with_the_usage_chunk_marked() -> None:
@@ -142,8 +178,65 @@ def test_a_responses_stream_assembles_to_its_terminal_object() -> None:
 
 
 def test_an_upstream_error_is_never_assembled() -> None:
-    _, outcome = _classify(CHAT, [_sse(_chunk("a", "stop"), {"error": {}}, b"[DONE]")])
-    assert outcome == Outcome(Ending.UPSTREAM_ERROR, None)
+    error = {"code": 429, "message": "slow down"}
+    _, outcome = _classify(CHAT, [_sse(_chunk("a", "stop"), {"error": error}, b"[DONE]")])
+    assert outcome == Outcome(Ending.UPSTREAM_ERROR, None, error)
+
+
+def test_an_in_band_error_is_the_upstreams_own_error_object() -> None:
+    # A chunk with `error` and finish_reason "error" (OpenRouter, LiteLLM), no [DONE].
+    failing = {**_chunk("", "error"), "error": {"code": 429, "message": "Rate limited"}}
+    _, outcome = _classify(CHAT, [_sse(_chunk("Hel"), failing)])
+    assert outcome.ending is Ending.UPSTREAM_ERROR
+    assert outcome.error == {"code": 429, "message": "Rate limited"}
+    # A Responses `error` event: its own fields are the error, not its type or number.
+    event = {"type": "error", "code": "rate_limit_exceeded", "message": "m", "param": None}
+    _, outcome = _classify(RESPONSES, [_typed({**event, "sequence_number": 3})])
+    assert outcome.error == {"code": "rate_limit_exceeded", "message": "m", "param": None}
+
+
+def test_an_error_key_the_sdk_would_not_raise_on_is_no_error() -> None:
+    # The SDK raises only on a truthy `error`; `"error": null` or `{}` is just a field.
+    errors: tuple[object, ...] = (None, {})
+    for error in errors:
+        stream = _sse({**_chunk("a", "stop"), "error": error}, b"[DONE]")
+        _, outcome = _classify(CHAT, [stream])
+        assert outcome.ending is Ending.COMPLETE
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [],  # OpenAI
+        [{"index": 0, "delta": {}}],  # LiteLLM
+        [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None}],
+        [{"text": "", "index": 0}],  # LiteLLM, a text completion
+    ],
+)
+def test_the_usage_chunk_is_marked_whatever_its_choices(choices: list[object]) -> None:
+    usage = {**USAGE, "choices": choices}
+    events, outcome = _classify(CHAT, [_sse(_chunk("Hel"), _chunk("lo", "stop"), usage)])
+    assert [e.usage_only for e in events] == [False, False, True]
+    assert outcome.ending is Ending.COMPLETE
+
+
+def test_a_chunk_with_content_or_a_finish_is_never_the_usage_chunk() -> None:
+    # llama.cpp's last completion chunk carries usage with its finish reason.
+    finishing = {**_chunk("lo", "stop"), "usage": {"total_tokens": 3}}
+    events, _ = _classify(CHAT, [_sse(_chunk("Hel"), finishing, b"[DONE]")])
+    assert [e.usage_only for e in events] == [False, False, False]
+    # Nor does a Responses event carrying usage count: that endpoint adds none.
+    done = {"type": "response.completed", "response": {"status": "completed"}, "usage": {}}
+    events, _ = _classify(RESPONSES, [_sse(done)])
+    assert [e.usage_only for e in events] == [False]
+
+
+def test_an_event_that_is_not_json_is_malformed_only_when_folded() -> None:
+    _, outcome = _classify(CHAT, [_sse(_chunk("Hel"), b"oops", _chunk("lo", "stop"), b"[DONE]")])
+    assert outcome.assembly is not None
+    assert outcome.assembly.body() is None and outcome.assembly.malformed()
+    _, outcome = _classify(CHAT, [CHAT_WHOLE])
+    assert outcome.assembly is not None and not outcome.assembly.malformed()
 
 
 @pytest.mark.parametrize(
@@ -156,6 +249,8 @@ def test_an_upstream_error_is_never_assembled() -> None:
         ("GET", "/v1/chat/completions", None),
         ("POST", "/v1/models", None),
         ("POST", "/v1/chat/completions/", None),
+        ("POST", "/openai/deployments/d/chat/completions", CHAT),
+        ("POST", "/openai/responses", RESPONSES),
     ],
 )
 def test_endpoint_of(method: str, path: str, endpoint: Endpoint | None) -> None:

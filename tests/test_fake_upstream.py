@@ -405,6 +405,50 @@ async def test_header_overrides_and_control_endpoints(fake: FakeUpstream) -> Non
     assert fake.total_calls == 0 and fake.settings.tokens == 2
 
 
+async def test_dialect_and_line_ending_by_header_or_query(fake: FakeUpstream) -> None:
+    url = f"http://127.0.0.1:{fake.port}/v1/chat/completions"
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        headers = {"x-fake-dialect": "no_done", "x-fake-line-ending": "cr"}
+        async with session.post(url, json=body, headers=headers) as response:
+            raw = await response.read()
+        assert raw.endswith(b"\r\r") and b"\n" not in raw and b"[DONE]" not in raw
+        query = {"fake_dialect": "litellm", "fake_line_ending": "crlf"}
+        async with session.post(url, json=body, params=query) as response:
+            raw = await response.read()
+        assert raw.endswith(b"data: [DONE]\r\n\r\n") and b'"finish_reason":null' not in raw
+        for bad in ({"x-fake-dialect": "nope"}, {"x-fake-line-ending": "nl"}):
+            async with session.post(url, json=body, headers=bad) as response:
+                assert response.status == 400
+
+
+async def test_azure_wants_its_api_version_and_answers_its_own_paths(fake: FakeUpstream) -> None:
+    base = f"http://127.0.0.1:{fake.port}"
+    body = {"model": "m", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as session:
+        headers = {"x-fake-dialect": "azure"}
+        async with session.post(f"{base}/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 404
+    azure = openai.AsyncAzureOpenAI(
+        azure_endpoint=base, api_key="k", api_version="2024-10-21", max_retries=0
+    )
+    try:
+        whole = await azure.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        stream = await azure.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        chunks = [chunk async for chunk in stream]
+        text = await azure.completions.create(model="gpt-4o", prompt="Say hello")
+        vectors = await azure.embeddings.create(model="emb", input="hello")
+    finally:
+        await azure.close()
+    assert whole.model_extra is not None and "prompt_filter_results" in whole.model_extra
+    assert (chunks[0].id, chunks[0].choices) == ("", [])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[1:] if c.choices) == (
+        whole.choices[0].message.content
+    )
+    assert text.choices[0].text and vectors.data[0].embedding
+    assert fake.calls_by_path["/openai/deployments/gpt-4o/chat/completions"] == 2
+
+
 def test_cli_workers_share_one_port() -> None:
     command = [sys.executable, "-m", "proxy.testing.fake_workers", "--port", "0", "--workers", "2"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:

@@ -62,7 +62,10 @@ class Recorder:
             vector = [0.125] * (MAX_ENTRY // 4)
             answer = {"object": "list", "data": [{"index": 0, "embedding": vector}]}
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
-        # A whole answer (every choice finished): only a whole answer is cached.
+        # A whole answer of the endpoint's own type: only such an answer is cached.
+        if request.path.endswith("/embeddings"):
+            vectors = {"object": "list", "data": [{"index": 0, "embedding": [0.5]}]}
+            return web.Response(body=orjson.dumps(vectors), content_type="application/json")
         message = {"role": "assistant", "content": "ok"}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         answer = {"id": f"r{len(self.seen)}", "object": "chat.completion", "choices": [choice]}

@@ -32,8 +32,16 @@ def canary_policy(fake: FakeUpstream, version: str) -> dict[str, Any]:
         {
             "version": version,
             "log": {"level": "debug"},
-            "upstreams": {"fake": {"api_key_env": "LLM_CANARY_UPSTREAM_KEY"}},
+            "upstreams": {
+                "fake": {"api_key_env": "LLM_CANARY_UPSTREAM_KEY"},
+                # Azure's paths, to the same fake: the caller's `api-key` is a credential too.
+                "azure": {
+                    "base_url": f"http://127.0.0.1:{fake.port}",
+                    "api_key_env": "LLM_CANARY_UPSTREAM_KEY",
+                },
+            },
             "routes": [
+                {"match": {"path": "/openai/*"}, "upstream": "azure", "cache": {"ttl": "1h"}},
                 {
                     "match": {"path": "/v1/chat/completions"},
                     "upstream": "fake",
@@ -83,9 +91,8 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
         auth = {"Authorization": f"Bearer {CALLER_SECRET}", "api-key": CALLER_SECRET}
 
         async def call(method: str, path: str, **kwargs: Any) -> int:
-            async with px.session.request(
-                method, f"{px.api}{path}", headers=auth, **kwargs
-            ) as response:
+            url = f"{px.url}{path}" if path.startswith("/openai/") else f"{px.api}{path}"
+            async with px.session.request(method, url, headers=auth, **kwargs) as response:
                 seen.append(str(response.headers))
                 seen.append(await response.text())
                 return response.status
@@ -95,6 +102,11 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
             await call("POST", "/chat/completions", json=chat("one")),  # hit (once stored)
             await call("POST", "/chat/completions", json=chat("two", stream=True)),
             await call("GET", "/models"),  # relayed
+            await call(  # Azure's own path, with the key also in `api-key`
+                "POST",
+                "/openai/deployments/d1/chat/completions?api-version=2024-10-21",
+                json=chat("azure"),
+            ),
             await call("POST", "/chat/completions", data=b"{broken"),  # 400 from the proxy
             await call("GET", "/no/such/thing"),  # 404 from the upstream
         ]
@@ -107,8 +119,8 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
         path = f"/chat/completions?api-version=1&key={CALLER_SECRET}"
         statuses.append(await call("POST", path, json=chat("five")))
         statuses.append(await call("GET", f"/models?api-key={CALLER_SECRET}"))
-        assert statuses[:4] == [200, 200, 200, 200]
-        assert statuses[4:] == [400, 404, 500, 401, 200, 200]
+        assert statuses[:5] == [200, 200, 200, 200, 200]
+        assert statuses[5:] == [400, 404, 500, 401, 200, 200]
         for template in MALFORMED:
             answer = await exchange(px.port, template.replace(b"%s", CALLER_SECRET.encode()))
             assert answer.split(b" ", 2)[1] == b"400"
@@ -132,7 +144,7 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
 
     lines = px.log_lines()  # every line is JSON, at every level
     assert {line["level"] for line in lines} >= {"info", "error"}
-    assert len([line for line in lines if line["logger"] == "llm_sidecar.access"]) == 10
+    assert len([line for line in lines if line["logger"] == "llm_sidecar.access"]) == 11
     refused = [line for line in lines if line["msg"] == "malformed request"]
     assert len(refused) == len(MALFORMED)
     # Method and path only: the query string (credential and all) is cut.

@@ -1,7 +1,7 @@
 """Path confinement as a pure function: every known escape, and properties.
 
 The properties state what the proxy relies on: a path that is not refused
-stays under /v1 whoever reads it (this module, yarl's normaliser that the
+stays under /v1 (or Azure's /openai) whoever reads it (this module, yarl's normaliser that the
 HTTP client would apply, or an upstream that decodes once more), and a
 canonical path is its own canonical form.
 """
@@ -16,7 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.paths import PathRejected, confine
+from proxy.paths import API_PREFIXES, PathRejected, confine, under
 
 ESCAPES = [
     "/v1/../_admin/x",
@@ -57,6 +57,9 @@ ESCAPES = [
     "/..",
     "/v2/models",
     "/V1/models",
+    "/openaix/deployments",
+    "/openai/../_admin",
+    "/openai/deployments/%2e%2e/%2e%2e/_admin",
 ]
 
 
@@ -94,6 +97,9 @@ CANONICAL = [
     ('/v1/a"b', "/v1/a%22b"),
     ("/v1/models/", "/v1/models/"),
     ("/v1/models/.", "/v1/models/"),
+    # Azure's own paths: the same rules under /openai.
+    ("/openai/deployments/gpt-4o/chat/completions", "/openai/deployments/gpt-4o/chat/completions"),
+    ("/openai//deployments/d/../e/embeddings", "/openai/deployments/e/embeddings"),
 ]
 
 
@@ -119,6 +125,7 @@ PIECES = st.sampled_from(
 )  # fmt: skip
 PATHS = st.lists(PIECES, max_size=12).map(lambda parts: "/v1/" + "".join(parts))
 ANY_TEXT = st.text(max_size=40).map(lambda tail: "/v1/" + tail)
+AZURE_TEXT = st.text(max_size=40).map(lambda tail: "/openai/" + tail)
 
 
 def _resolved(path: str) -> str:
@@ -126,7 +133,7 @@ def _resolved(path: str) -> str:
     return posixpath.normpath(unquote(path, errors="replace").replace("\\", "/"))
 
 
-@given(st.one_of(PATHS, ANY_TEXT, st.text(max_size=30)))
+@given(st.one_of(PATHS, ANY_TEXT, AZURE_TEXT, st.text(max_size=30)))
 @example("/v1/%2e%2e%2f%2e%2e/x")
 @example("/v1/%252e%252e/x")
 def test_nothing_accepted_leaves_the_prefix(raw: str) -> None:
@@ -134,7 +141,7 @@ def test_nothing_accepted_leaves_the_prefix(raw: str) -> None:
         path = confine(raw)
     except PathRejected:
         return
-    assert path == "/v1" or path.startswith("/v1/")
+    prefix = next(p for p in API_PREFIXES if under(path, p))
     # Idempotent: the canonical form is a fixed point.
     assert confine(path) == path
     # No dot segment, no empty segment, nothing a later normaliser would change.
@@ -143,5 +150,5 @@ def test_nothing_accepted_leaves_the_prefix(raw: str) -> None:
     assert URL(f"http://upstream{path}").raw_path == path
     # An upstream that decodes once (or twice) and resolves dots stays under /v1.
     for seen in (_resolved(path), _resolved(unquote(path))):
-        assert seen == "/v1" or seen.startswith("/v1/"), (raw, path, seen)
+        assert under(seen, prefix), (raw, path, seen)
     assert "\x00" not in unquote(path) and "\\" not in unquote(path)

@@ -31,23 +31,36 @@ from proxy.assemble import (
 )
 from proxy.rechunk import DONE_EVENT, Rechunked, rechunk
 from proxy.sse import DONE, SSEDecoder
-from proxy.testing.fake_answers import (
-    FakeSettings,
-    chat_chunks,
-    chat_object,
-    completion_chunks,
-    completion_object,
-    plan_chat,
-    plan_completion,
-    plan_response,
-    response_events,
-    response_object,
-    sse,
-    sse_typed,
+from proxy.testing.dialects import DIALECT, frame
+from proxy.testing.fake_answers import FakeSettings, plan_chat, plan_completion, plan_response
+from tests.test_fake_answers import (
+    CHAT_BODIES,
+    CHAT_META,
+    COMPLETION_BODIES,
+    COMPLETION_META,
+    RESPONSE_BODIES,
 )
-from tests.test_fake_answers import CHAT_BODIES, CHAT_META, COMPLETION_BODIES, COMPLETION_META
 
 JSON = dict[str, Any]
+
+# The fake's OpenAI framings: what a real upstream streams and answers whole.
+_OPENAI = DIALECT["openai"]
+chat_chunks = _OPENAI.chat_chunks
+chat_object = _OPENAI.chat_object
+completion_chunks = _OPENAI.completion_chunks
+completion_object = _OPENAI.completion_object
+response_events = _OPENAI.response_events
+response_object = _OPENAI.response_object
+
+
+def sse(payload: JSON) -> bytes:
+    return frame(payload)
+
+
+def sse_typed(payload: JSON) -> bytes:
+    return frame(payload, typed=True)
+
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
@@ -421,3 +434,84 @@ def test_dialect_fields_go_where_their_upstreams_stream_them() -> None:
     assert chunks[-1]["choices"][0]["content_filter_results"] == {"hate": {"filtered": False}}
     assert all(c["prompt_filter_results"] == [{"prompt_index": 0}] for c in chunks)
     assert converted(CHAT, answer).usage_event is None  # no usage, no usage chunk
+
+
+# -- every dialect's whole answer, re-chunked, folds back into itself ------------------------------
+
+DIALECT_SETTINGS = FakeSettings(tokens=5)
+
+
+def _as_the_sdk_reads(value: Any) -> Any:
+    """A null field and an absent one are the same to the SDK (OpenAI's chunks
+    say `logprobs: null` where llama.cpp says nothing)."""
+    if isinstance(value, dict):
+        return {k: _as_the_sdk_reads(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_as_the_sdk_reads(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("body", CHAT_BODIES.values(), ids=CHAT_BODIES.keys())
+@pytest.mark.parametrize("dialect", DIALECT)
+def test_every_dialects_chat_answer_round_trips(dialect: str, body: JSON) -> None:
+    speaker = DIALECT[dialect]
+    choices, usage = plan_chat(speaker.adjust(body), DIALECT_SETTINGS)
+    # Ollama's per-call `index` is the one field a stream position replaces.
+    whole = speaker.foldable(speaker.chat_object(CHAT_META, choices, usage))
+    chunks = payloads(converted(CHAT, whole))
+    assert _as_the_sdk_reads(assemble_chat(chunks)) == _as_the_sdk_reads(whole)
+    for chunk in chunks:  # each one a chunk the SDK can read
+        ChatCompletionChunk.model_validate(chunk)
+    ChatCompletion.model_validate(assemble_chat(chunks))
+
+
+@pytest.mark.parametrize("body", COMPLETION_BODIES.values(), ids=COMPLETION_BODIES.keys())
+@pytest.mark.parametrize("dialect", DIALECT)
+def test_every_dialects_completion_answer_round_trips(dialect: str, body: JSON) -> None:
+    speaker = DIALECT[dialect]
+    choices, usage = plan_completion(speaker.adjust(body), DIALECT_SETTINGS)
+    whole = speaker.completion_object(COMPLETION_META, choices, usage)
+    folded = assemble_completion(payloads(converted(COMPLETIONS, whole)))
+    assert _as_the_sdk_reads(folded) == _as_the_sdk_reads(whole)
+
+
+@pytest.mark.parametrize("body", RESPONSE_BODIES.values(), ids=RESPONSE_BODIES.keys())
+@pytest.mark.parametrize("dialect", DIALECT)
+def test_every_dialects_response_round_trips(dialect: str, body: JSON) -> None:
+    speaker = DIALECT[dialect]
+    plan, usage = plan_response(body, DIALECT_SETTINGS)
+    whole = speaker.response_object(RESPONSE_META, "msg_1", plan, usage)
+    events = payloads(converted(RESPONSES, whole))
+    assert _as_the_sdk_reads(assemble_response(events)) == _as_the_sdk_reads(whole)
+    # Even when the terminal snapshot is stripped, the items rebuild it.
+    empty = [*events[:-1], {**events[-1], "response": {**whole, "output": []}}]
+    assert _as_the_sdk_reads(assemble_response(empty)) == _as_the_sdk_reads(whole)
+
+
+def test_parallel_calls_numbered_alike_stay_apart() -> None:
+    # Ollama's whole answer says `index: 0` on every parallel call; the stream
+    # numbers them by position, or their arguments would be glued together.
+    calls = [
+        {
+            "index": 0,
+            "id": f"call_{k}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        for k, (name, arguments) in enumerate(
+            [("get_weather", '{"location": "Paris"}'), ("get_time", '{"city": "Lima"}')]
+        )
+    ]
+    message = {"role": "assistant", "content": "", "tool_calls": calls}
+    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+    whole = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+    }
+    folded = assemble_chat(payloads(converted(CHAT, whole)))
+    assert [
+        (c["id"], c["function"]["arguments"]) for c in folded["choices"][0]["message"]["tool_calls"]
+    ] == [("call_0", '{"location": "Paris"}'), ("call_1", '{"city": "Lima"}')]

@@ -7,8 +7,10 @@ the upstream again. Nothing partial is ever written: only a stream that
 ended complete and whole (every choice finished, or the response completed:
 the one place a streamed answer is always parsed), on a route with a cache,
 for a caller that allows writes (and, with `cache_fallback: false`, from the
-route's first target). The record keeps the answer in the mode the upstream
-sent it: events (and the assembled object), or the plain body.
+route's first target), and only an answer of the endpoint's own type (a
+plain body is JSON holding the endpoint's list; a stream's events are JSON
+objects). The record keeps the answer in the mode the upstream sent it:
+events (and the assembled object), or the plain body.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ async def write_answer(cache: Cache, stream: Stream, intake: Intake) -> None:
     answer = answer_of(stream)
     if answer is None:
         return
+    if not answer.is_sse and not intake.endpoint.well_formed(answer.content_type, answer.body):
+        return  # a 200 that is not the endpoint's answer is relayed, never replayed
     pending = cache.store(intake.key, answer, config.ttl)
     if pending is not None:
         # wait, not await: a cancelled pump must not cancel the cache's write.

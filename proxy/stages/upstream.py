@@ -27,7 +27,7 @@ from proxy.attempts import body_done, body_failed, call_with_retries
 from proxy.classify import Ending, EventClassifier
 from proxy.convert import PlainAnswer
 from proxy.endpoint import Endpoint
-from proxy.errors import UpstreamBroken, UpstreamEventTooLarge
+from proxy.errors import InBandError, UpstreamBroken, UpstreamEventTooLarge
 from proxy.headers import ATTEMPTS_HEADER, SHOULD_RETRY_HEADER, downstream_response_headers
 from proxy.intake import Intake
 from proxy.policy import Upstream
@@ -114,11 +114,14 @@ async def _events_into(
                 f"llm-sidecar: an upstream event is over {config.max_event_bytes} bytes"
             ) from exc
         stream.append([classifier.feed(event) for event in events])
-    outcome = classifier.finish()
+    # The input ended cleanly: a held CR ends its event; an event begun is a cut.
+    stream.append([classifier.feed(event) for event in decoder.finish()])
+    outcome = classifier.finish(truncated=decoder.truncated)
     if outcome.ending is Ending.TRUNCATED:
         raise UpstreamBroken("llm-sidecar: the upstream stream ended before it was complete")
     stream.assembly = outcome.assembly
+    # The upstream's own error: streaming readers got its event, and no other.
     error = None
-    if outcome.ending is Ending.UPSTREAM_ERROR:
-        error = UpstreamBroken("llm-sidecar: the upstream sent an error")
+    if outcome.ending is Ending.UPSTREAM_ERROR and outcome.error is not None:
+        error = InBandError(outcome.error)
     stream.end(complete=outcome.ending is Ending.COMPLETE, error=error)

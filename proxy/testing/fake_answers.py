@@ -1,11 +1,12 @@
-"""What the fake upstream answers: OpenAI-shaped bodies planned from a request body.
+"""What the fake upstream answers: the content of each answer, planned from a request body.
 
-It owns the fake's content and wire shapes, with no I/O: each answer is a
-deterministic function of the prompt and `FakeSettings`, planned once (`plan_*`)
-and then either framed as stream chunks (`chat_chunks`, `completion_chunks`,
-`response_events`, with `sse` framing) or folded into one JSON object
-(`chat_object`, `completion_object`, `response_object`). Both framings come from
-the same plan, which is what keeps a streamed and a whole answer equal. A body
+It owns the fake's content and settings, with no I/O: each answer is a
+deterministic function of the prompt and `FakeSettings`, planned once
+(`plan_*`: the tokens, tool calls, finish reasons and usage of every choice).
+How a plan goes on the wire, as stream chunks or as one JSON object, is the
+chosen dialect's business (`proxy.testing.dialects`); both framings come from
+the same plan, which is what keeps a streamed and a whole answer equal.
+Embeddings and models have one shape for every dialect and live here. A body
 the fake refuses raises `Reject`; the server maps it to an error response.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import json
 import random
 import struct
@@ -24,27 +24,21 @@ from typing import Any
 import orjson
 
 __all__ = [
-    "DONE",
+    "DIALECTS",
     "JSON",
+    "LINE_ENDINGS",
     "MODELS",
     "Choice",
     "FakeSettings",
     "Reject",
+    "ToolCall",
     "canonical",
-    "chat_chunks",
-    "chat_object",
-    "completion_chunks",
-    "completion_object",
     "embeddings_object",
     "model_object",
     "plan_chat",
     "plan_completion",
     "plan_response",
     "refusal",
-    "response_events",
-    "response_object",
-    "sse",
-    "sse_typed",
     "usage_requested",
 ]
 
@@ -54,6 +48,9 @@ MODELS = ("fake-model", "gpt-4o-mini", "text-embedding-3-small")
 _CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Turin")
 _ARGUMENT_PIECE = 6  # characters per streamed tool-call argument fragment
 _MAX_N = 128
+# The upstreams whose wire quirks the fake can speak (see proxy.testing.dialects).
+DIALECTS = ("openai", "azure", "vllm", "llamacpp", "ollama", "litellm", "no_done")
+LINE_ENDINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +71,11 @@ class FakeSettings:
     # answer: its body) without end; "line" sends a stream that is one line
     # (`data: xxx...`), never ended.
     endless: str | None = None
+    dialect: str = "openai"  # whose wire quirks to speak: one of DIALECTS
+    line_ending: str = "lf"  # how SSE lines end: one of LINE_ENDINGS
+    compress: str | None = None  # "gzip": JSON answers compressed when the caller accepts it
+    inband_error: int | None = None  # a stream ends with this error inside its 200 (fake_faults)
+    bad_body: str | None = None  # a 200 that is not the endpoint's answer (fake_faults)
     # "stream": 400 for `stream: true` (a model that may not stream); "stream_options":
     # 400 for a body with `stream_options` (older Azure api-versions).
     refuse: str | None = None
@@ -92,6 +94,16 @@ class FakeSettings:
             raise ValueError("error_status must be between 400 and 599")
         if self.embedding_dims < 1:
             raise ValueError("embedding_dims must be at least 1")
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}")
+        if self.line_ending not in LINE_ENDINGS:
+            raise ValueError(f"line_ending must be one of {', '.join(LINE_ENDINGS)}")
+        if self.compress not in (None, "gzip", "deflate"):
+            raise ValueError("compress must be gzip or deflate")
+        if self.inband_error is not None and not 400 <= self.inband_error <= 599:
+            raise ValueError("inband_error must be between 400 and 599")
+        if self.bad_body not in (None, "text", "json", "event"):
+            raise ValueError("bad_body must be text, json or event")
         if self.endless not in (None, *ENDLESS):
             raise ValueError(f"endless must be one of {ENDLESS}")
         if self.refuse not in (None, "stream", "stream_options"):
@@ -110,6 +122,11 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "drop_after": int,
     "require_key": str,
     "embedding_dims": int,
+    "dialect": str,
+    "line_ending": str,
+    "compress": str,
+    "inband_error": int,
+    "bad_body": str,
     "token_padding": int,
     "endless": str,
     "refuse": str,
@@ -122,6 +139,9 @@ _OPTIONAL_FIELDS = frozenset(
         "retry_after_ms",
         "drop_after",
         "require_key",
+        "compress",
+        "inband_error",
+        "bad_body",
         "endless",
         "refuse",
     }
@@ -147,12 +167,27 @@ def canonical(body: Mapping[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    pieces: tuple[str, ...]  # the arguments, as streamed
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass(frozen=True, slots=True)
 class Choice:
     index: int
-    pieces: tuple[str, ...]  # content tokens, or tool-call argument fragments
+    pieces: tuple[str, ...]  # content tokens; empty for a tool-call answer
     logprobs: tuple[float, ...] | None  # one per content token when asked for
     finish: str
-    tool: tuple[str, str] | None = None  # (call id, function name) for a tool-call answer
+    calls: tuple[ToolCall, ...] = ()  # a tool-call answer's calls, in order
+
+    @property
+    def tokens(self) -> int:
+        return len(self.pieces) + sum(len(call.pieces) for call in self.calls)
 
 
 def _rng(seed: bytes, index: int) -> random.Random:
@@ -203,12 +238,12 @@ def _text_plan(seed: bytes, index: int, settings: FakeSettings, limit: int | Non
     return Choice(index, pieces, logprobs, finish)
 
 
-def _tool_to_call(body: JSON) -> tuple[str, str] | None:
-    """(function name, argument name) when the answer must be a tool call."""
+def _tools_to_call(body: JSON) -> list[tuple[str, str]]:
+    """(function name, argument name) for each call the answer must make."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if not isinstance(tools, list) or choice == "none":
-        return None
+        return []
     functions = [
         t["function"]
         for t in tools
@@ -217,14 +252,16 @@ def _tool_to_call(body: JSON) -> tuple[str, str] | None:
     ]
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         named = [f for f in functions if f["name"] == choice["function"].get("name")]
-        functions = named or functions
-    if not functions:
-        return None
-    function = functions[0]
-    parameters = function.get("parameters")
-    properties = parameters.get("properties") if isinstance(parameters, dict) else None
-    argument = next(iter(properties), "location") if isinstance(properties, dict) else "location"
-    return function["name"], str(argument)
+        functions = named[:1] or functions
+    # Two tools or more: two calls at once, unless the caller forbids parallel calls.
+    count = 1 if body.get("parallel_tool_calls") is False else 2
+    calls: list[tuple[str, str]] = []
+    for function in functions[:count]:
+        parameters = function.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        argument = next(iter(properties), None) if isinstance(properties, dict) else None
+        calls.append((function["name"], str(argument or "location")))
+    return calls
 
 
 def plan_chat(body: JSON, settings: FakeSettings) -> tuple[list[Choice], JSON]:
@@ -234,101 +271,38 @@ def plan_chat(body: JSON, settings: FakeSettings) -> tuple[list[Choice], JSON]:
     n = _n(body)
     limit = _int_param(body, "max_completion_tokens", "max_tokens")
     seed = _seed(messages)
-    tool = _tool_to_call(body)
+    tools = _tools_to_call(body)
     choices: list[Choice] = []
     for index in range(n):
-        if tool is None:
+        if not tools:
             plan = _text_plan(seed, index, settings, limit)
             if body.get("logprobs") is not True:
                 plan = replace(plan, logprobs=None)
             choices.append(plan)
             continue
-        name, argument = tool
-        value = _CITIES[_rng(seed, index).randrange(len(_CITIES))]
-        arguments = json.dumps({argument: value})  # OpenAI's own spacing: {"location": "Paris"}
-        pieces = tuple(
-            arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)
-        )
-        call_id = "call_" + hashlib.blake2b(seed + bytes([index % 256]), digest_size=12).hexdigest()
-        choices.append(Choice(index, pieces, None, "tool_calls", (call_id, name)))
+        calls: list[ToolCall] = []
+        for k, (name, argument) in enumerate(tools):
+            value = _CITIES[_rng(seed, index * 16 + k).randrange(len(_CITIES))]
+            arguments = json.dumps({argument: value})  # OpenAI's own spacing
+            pieces = tuple(
+                arguments[i : i + _ARGUMENT_PIECE]
+                for i in range(0, len(arguments), _ARGUMENT_PIECE)
+            )
+            tag = bytes([index % 256]) if k == 0 else bytes([index % 256, k])
+            call_id = "call_" + hashlib.blake2b(seed + tag, digest_size=12).hexdigest()
+            calls.append(ToolCall(call_id, name, pieces))
+        choices.append(Choice(index, (), None, "tool_calls", tuple(calls)))
     return choices, _usage(_words(messages), choices)
 
 
 def _usage(prompt: int, choices: list[Choice]) -> JSON:
-    completion = sum(len(c.pieces) for c in choices)
+    completion = sum(c.tokens for c in choices)
     prompt = max(prompt, 1)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-
-
-def _interleave(per_choice: list[list[JSON]]) -> list[JSON]:
-    # Round robin, like OpenAI: every chunk carries one choice.
-    return [
-        part for step in itertools.zip_longest(*per_choice) for part in step if part is not None
-    ]
-
-
-def _token_logprobs(token: str, logprob: float) -> JSON:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
-
-
-def chat_chunks(meta: JSON, choices: list[Choice], usage: JSON, include_usage: bool) -> list[JSON]:
-    head = {"id": meta["id"], "object": "chat.completion.chunk", **meta}
-    per_choice: list[list[JSON]] = []
-    for c in choices:
-        # A tool-call answer has no content at all, so its message content is null.
-        role = {"role": "assistant", "content": None if c.tool else "", "refusal": None}
-        parts = [_chat_part(c.index, role)]
-        if c.tool is not None:
-            call_id, name = c.tool
-            opening = {"index": 0, "id": call_id, "type": "function"}
-            function = {"name": name, "arguments": ""}
-            parts.append(_chat_part(c.index, {"tool_calls": [{**opening, "function": function}]}))
-        for i, piece in enumerate(c.pieces):
-            delta: JSON = (
-                {"content": piece}
-                if c.tool is None
-                else {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
-            )
-            part = _chat_part(c.index, delta)
-            if c.logprobs is not None:
-                entry = _token_logprobs(piece, c.logprobs[i])
-                part["logprobs"] = {"content": [entry], "refusal": None}
-            parts.append(part)
-        parts.append({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish})
-        per_choice.append(parts)
-    tail = {"usage": None} if include_usage else {}
-    chunks = [{**head, "choices": [part], **tail} for part in _interleave(per_choice)]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": usage})
-    return chunks
-
-
-def _chat_part(index: int, delta: JSON) -> JSON:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-
-def chat_object(meta: JSON, choices: list[Choice], usage: JSON) -> JSON:
-    out: list[JSON] = []
-    for c in choices:
-        message: JSON = {"role": "assistant", "content": None, "refusal": None}
-        if c.tool is None:
-            message["content"] = "".join(c.pieces)
-        else:
-            call_id, name = c.tool
-            function = {"name": name, "arguments": "".join(c.pieces)}
-            message["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
-        logprobs = None
-        if c.logprobs is not None:
-            content = [_token_logprobs(p, lp) for p, lp in zip(c.pieces, c.logprobs, strict=True)]
-            logprobs = {"content": content, "refusal": None}
-        out.append(
-            {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish}
-        )
-    return {"id": meta["id"], "object": "chat.completion", **meta, "choices": out, "usage": usage}
 
 
 def plan_completion(body: JSON, settings: FakeSettings) -> tuple[list[Choice], JSON]:
@@ -351,30 +325,6 @@ def plan_completion(body: JSON, settings: FakeSettings) -> tuple[list[Choice], J
         for j in range(n)
     ]
     return choices, _usage(_words(prompts), choices)
-
-
-def completion_chunks(
-    meta: JSON, choices: list[Choice], usage: JSON, include_usage: bool
-) -> list[JSON]:
-    head = {"id": meta["id"], "object": "text_completion", **meta}
-    per_choice = [
-        [{"text": p, "index": c.index, "logprobs": None, "finish_reason": None} for p in c.pieces]
-        + [{"text": "", "index": c.index, "logprobs": None, "finish_reason": c.finish}]
-        for c in choices
-    ]
-    tail = {"usage": None} if include_usage else {}
-    chunks = [{**head, "choices": [part], **tail} for part in _interleave(per_choice)]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": usage})
-    return chunks
-
-
-def completion_object(meta: JSON, choices: list[Choice], usage: JSON) -> JSON:
-    out = [
-        {"text": "".join(c.pieces), "index": c.index, "logprobs": None, "finish_reason": c.finish}
-        for c in choices
-    ]
-    return {"id": meta["id"], "object": "text_completion", **meta, "choices": out, "usage": usage}
 
 
 def embeddings_object(body: JSON, settings: FakeSettings) -> JSON:
@@ -425,65 +375,6 @@ def plan_response(body: JSON, settings: FakeSettings) -> tuple[Choice, JSON]:
         "total_tokens": words + len(plan.pieces),
     }
     return plan, usage
-
-
-def response_events(meta: JSON, item_id: str, plan: Choice, usage: JSON) -> list[JSON]:
-    """The Responses API stream; the last event carries the whole response object."""
-    text = "".join(plan.pieces)
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    item = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant"}
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    events: list[JSON] = [
-        {"type": "response.created", "response": _response(meta, "in_progress", [], None)},
-        {"type": "response.in_progress", "response": _response(meta, "in_progress", [], None)},
-        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
-        {"type": "response.content_part.added", **where, "part": part},
-    ]
-    events += [
-        {"type": "response.output_text.delta", **where, "delta": p, "logprobs": []}
-        for p in plan.pieces
-    ]
-    final = response_object(meta, item_id, plan, usage)
-    done_part = {**part, "text": text}
-    events += [
-        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **where, "part": done_part},
-        {"type": "response.output_item.done", "output_index": 0, "item": final["output"][0]},
-        {"type": f"response.{final['status']}", "response": final},
-    ]
-    return [{**event, "sequence_number": seq} for seq, event in enumerate(events)]
-
-
-def response_object(meta: JSON, item_id: str, plan: Choice, usage: JSON) -> JSON:
-    status = "completed" if plan.finish == "stop" else "incomplete"
-    part = {"type": "output_text", "text": "".join(plan.pieces), "annotations": [], "logprobs": []}
-    item = {"id": item_id, "type": "message", "status": status, "role": "assistant"}
-    return _response(meta, status, [{**item, "content": [part]}], usage)
-
-
-def _response(meta: JSON, status: str, output: list[JSON], usage: JSON | None) -> JSON:
-    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {
-        **meta,
-        "object": "response",
-        "status": status,
-        "error": None,
-        "incomplete_details": incomplete,
-        "output": output,
-        "usage": usage,
-    }
-
-
-def sse(payload: JSON) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def sse_typed(payload: JSON) -> bytes:
-    kind: str = payload["type"]
-    return b"event: " + kind.encode() + b"\n" + sse(payload)
-
-
-DONE = b"data: [DONE]\n\n"
 
 
 def refusal(body: JSON, settings: FakeSettings) -> Reject | None:

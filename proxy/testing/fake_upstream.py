@@ -2,13 +2,21 @@
 
 It speaks the OpenAI wire format closely enough for the official SDK to parse
 every answer (chat and text completions, stream and not; embeddings; models;
-the Responses API). What it answers lives in `proxy.testing.fake_answers`, pure and
-deterministic; this module owns the server around it: timing, holding and
-faults, the request record, the control endpoints and the command line.
+the Responses API), in the dialect of each real server the proxy fronts
+(`proxy.testing.dialects`: OpenAI, Azure, vLLM, llama.cpp, Ollama, LiteLLM,
+and one that omits `[DONE]`), with LF, CR LF or CR line endings. What it
+answers lives in `proxy.testing.fake_answers`, pure and deterministic; this
+module owns the server around it: timing, holding and faults, the request
+record, the control endpoints and the command line.
 
 Tests drive it in-process (`settings`, `hold_after`/`release`, `calls`);
-an out-of-process fake is driven by `x-fake-*` request headers and the
-`/_fake/*` control endpoints.
+an out-of-process fake is driven by `x-fake-*` request headers (or the same
+knobs as `fake_*` query parameters: `x-fake-dialect: vllm` or
+`?fake_dialect=vllm`) and the `/_fake/*` control endpoints. Azure's own paths
+(`/openai/deployments/{name}/chat/completions`, `.../completions`,
+`.../embeddings`, `.../responses`, `/openai/responses`, and the v1 API's
+`/openai/v1/...`) answer like their `/v1` twins, in the `azure` dialect
+unless a knob names another.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,33 +34,28 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
+from proxy.testing import fake_faults as faults
+from proxy.testing.dialects import DIALECT, frame
 from proxy.testing.fake_answers import (
-    DONE,
     JSON,
+    LINE_ENDINGS,
     MODELS,
     FakeSettings,
     Reject,
     canonical,
-    chat_chunks,
-    chat_object,
-    completion_chunks,
-    completion_object,
     embeddings_object,
     model_object,
     plan_chat,
     plan_completion,
     plan_response,
     refusal,
-    response_events,
-    response_object,
-    sse,
-    sse_typed,
     usage_requested,
 )
 
 __all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest"]
 
-# Per-request overrides, so an out-of-process fake can be driven by its caller.
+# Per-request overrides, so an out-of-process fake can be driven by its caller:
+# each header also works as a query parameter (x-fake-token-delay: fake_token_delay).
 _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-tokens": ("tokens", int),
     "x-fake-token-delay": ("token_delay", float),
@@ -64,7 +68,16 @@ _HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-token-padding": ("token_padding", int),
     "x-fake-endless": ("endless", str),
     "x-fake-drop-after": ("drop_after", int),
+    "x-fake-dialect": ("dialect", str),
+    "x-fake-line-ending": ("line_ending", str),
+    "x-fake-compress": ("compress", str),
+    "x-fake-inband-error": ("inband_error", int),
+    "x-fake-bad-body": ("bad_body", str),
 }
+# Azure's deployment paths, answered like their /v1 twins.
+_AZURE_PATH = re.compile(
+    r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings|responses)"
+)
 # With `x-fake-error-times`, errors are counted per request body: a caller
 # that retries the same request sees the first N fail, whatever else the
 # fake is serving at the time.
@@ -254,7 +267,7 @@ class FakeUpstream:
         self.requests.append(
             RecordedRequest(request.method, request.path, headers, raw, request.raw_path)
         )
-        post = self._posts.get(request.path) if request.method == "POST" else None
+        post = self._posts.get(_api_path(request.path)) if request.method == "POST" else None
         body_key = _canonical_raw(raw)
         if post is not None:
             self.calls[body_key] += 1
@@ -273,7 +286,7 @@ class FakeUpstream:
     async def _answer(
         self, request: web.Request, raw: bytes, key: bytes, post: _Handler | None
     ) -> web.StreamResponse:
-        settings = _with_overrides(self.settings, request.headers)
+        settings = _with_overrides(self.settings, request)
         required = settings.require_key
         if required is not None and request.headers.get("Authorization") != f"Bearer {required}":
             # Never echo the presented key back.
@@ -281,16 +294,26 @@ class FakeUpstream:
         if settings.header_delay > 0:
             await asyncio.sleep(settings.header_delay)
         if post is None:
-            return self._get(request)
+            return self._get(request, settings)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
+        versioned = not request.path.startswith("/openai/v1/")  # Azure's v1 API takes none
+        if settings.dialect == "azure" and versioned and "api-version" not in request.query:
+            # What Azure answers a data-plane call without its api-version.
+            raise Reject(404, "Resource not found", "404")
         refused = refusal(body, settings)
         if refused is not None:
             raise refused
+        if settings.bad_body in ("text", "json") or (
+            settings.bad_body == "event" and body.get("stream") is not True
+        ):
+            await self._hold_whole()
+            content_type, bad = faults.bad_answer(settings.bad_body)
+            return web.Response(body=bad, headers={"Content-Type": content_type})
         if settings.error_status is not None and self._errs(settings, request, key):
             # Counted before any wait, so concurrent calls see it.
             self.errors_sent += 1
@@ -309,13 +332,14 @@ class FakeUpstream:
             return self.errors_by_body[key] < times
         return self.errors_sent < times
 
-    def _get(self, request: web.Request) -> web.Response:
+    def _get(self, request: web.Request, settings: FakeSettings) -> web.Response:
         if request.method == "GET" and request.path == "/v1/models":
             data = [model_object(name) for name in MODELS]
-            return _json(request, {"object": "list", "data": data})
+            return _json(request, {"object": "list", "data": data}, settings)
         if request.method == "GET" and request.path.startswith("/v1/models/"):
             # Any model exists: the fake answers for whatever model it is asked.
-            return _json(request, model_object(request.path.removeprefix("/v1/models/")))
+            model = model_object(request.path.removeprefix("/v1/models/"))
+            return _json(request, model, settings)
         raise Reject(404, f"Invalid URL ({request.method} {request.path})", "unknown_url")
 
     def _meta(self, body: JSON, prefix: str) -> JSON:
@@ -330,25 +354,41 @@ class FakeUpstream:
     async def _chat(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
+        dialect = DIALECT[settings.dialect]
+        body = dialect.adjust(body)
         choices, usage = plan_chat(body, settings)
         meta = self._meta(body, "chatcmpl-")
-        events = [sse(c) for c in chat_chunks(meta, choices, usage, usage_requested(body))]
+        chunks = dialect.chat_chunks(meta, choices, usage, usage_requested(body))
         if body.get("stream") is True:
-            return await self._stream(request, settings, [*events, DONE])
-        return await self._whole(request, settings, len(events), chat_object(meta, choices, usage))
+            frames = self._frames(settings, chunks, text=False)
+            return await self._stream(request, settings, frames)
+        whole = dialect.chat_object(meta, choices, usage)
+        return await self._whole(request, settings, len(chunks), whole, faults.chunk_error)
 
     async def _completions(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
+        dialect = DIALECT[settings.dialect]
+        body = dialect.adjust(body)
         choices, usage = plan_completion(body, settings)
         meta = self._meta(body, "cmpl-")
         del meta["service_tier"]
-        chunks = completion_chunks(meta, choices, usage, usage_requested(body))
-        events = [sse(c) for c in chunks]
+        chunks = dialect.completion_chunks(meta, choices, usage, usage_requested(body))
         if body.get("stream") is True:
-            return await self._stream(request, settings, [*events, DONE])
-        whole = completion_object(meta, choices, usage)
-        return await self._whole(request, settings, len(events), whole)
+            frames = self._frames(settings, chunks, text=True)
+            return await self._stream(request, settings, frames)
+        whole = dialect.completion_object(meta, choices, usage)
+        return await self._whole(request, settings, len(chunks), whole, faults.chunk_error)
+
+    @staticmethod
+    def _frames(settings: FakeSettings, chunks: list[JSON], text: bool) -> list[bytes]:
+        ending = settings.line_ending
+        if settings.inband_error is not None:
+            # Two chunks of answer, then the error; the connection ends there.
+            error = faults.error_chunk(chunks[0], settings.inband_error, text)
+            return [frame(chunk, ending) for chunk in (*chunks[:2], error)]
+        done = [frame(b"[DONE]", ending)] if DIALECT[settings.dialect].done else []
+        return _garbled(settings, [frame(chunk, ending) for chunk in chunks]) + done
 
     async def _embeddings(
         self, request: web.Request, body: JSON, settings: FakeSettings
@@ -358,6 +398,7 @@ class FakeUpstream:
     async def _responses(
         self, request: web.Request, body: JSON, settings: FakeSettings
     ) -> web.StreamResponse:
+        dialect = DIALECT[settings.dialect]
         plan, usage = plan_response(body, settings)
         number = next(self._ids)
         meta = {
@@ -377,12 +418,19 @@ class FakeUpstream:
             "metadata": body.get("metadata") or {},
         }
         item_id = f"msg_{number}"
+        events = dialect.response_events(meta, item_id, plan, usage)
         if body.get("stream") is True:
-            events = response_events(meta, item_id, plan, usage)
-            return await self._stream(request, settings, [sse_typed(e) for e in events])
-        whole = response_object(meta, item_id, plan, usage)
-        # The stream frames the deltas with four events before and four after.
-        return await self._whole(request, settings, len(plan.pieces) + 8, whole)
+            ending = settings.line_ending
+            if settings.inband_error is not None:
+                events = [*events[:3], faults.error_event(settings.inband_error, 3)]
+            frames = [frame(event, ending, typed=True) for event in events]
+            return await self._stream(request, settings, _garbled(settings, frames))
+        whole = dialect.response_object(meta, item_id, plan, usage)
+        if body.get("background") is True:
+            # A background create answers at once with the queued response.
+            queued: JSON = {"status": "queued", "output": [], "usage": None, "background": True}
+            return _json(request, {**whole, **queued}, settings)
+        return await self._whole(request, settings, len(events), whole, faults.response_error)
 
     # -- timing, holding and faults
 
@@ -400,7 +448,12 @@ class FakeUpstream:
     async def _stream(
         self, request: web.Request, settings: FakeSettings, events: list[bytes]
     ) -> web.StreamResponse:
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        headers = {
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # as vLLM, LiteLLM and others send with a stream
+            **_PER_CALL,
+        }
         response = web.StreamResponse(headers={**headers, **_request_id(request)})
         drop = settings.drop_after
         try:
@@ -440,7 +493,12 @@ class FakeUpstream:
         raise AssertionError("unreachable")
 
     async def _whole(
-        self, request: web.Request, settings: FakeSettings, events: int, payload: JSON
+        self,
+        request: web.Request,
+        settings: FakeSettings,
+        events: int,
+        payload: JSON,
+        error_of: Callable[[int], JSON] | None = None,
     ) -> web.StreamResponse:
         # A non-stream answer arrives when the stream would have ended.
         delay = settings.ttft + settings.token_delay * max(events - 1, 0)
@@ -451,7 +509,20 @@ class FakeUpstream:
             await _endless_body(request, settings)
         if settings.drop_after is not None:
             _abort(request)
-        return _json(request, payload)
+        status = settings.inband_error
+        if status is not None and error_of is not None:
+            # What failed mid-stream fails a whole answer with its status.
+            body = orjson.dumps({"error": error_of(status)})
+            return web.Response(status=status, body=body, content_type="application/json")
+        return _json(request, payload, settings)
+
+
+def _garbled(settings: FakeSettings, frames: list[bytes]) -> list[bytes]:
+    """With `bad_body: event`, the second event of a stream is not JSON."""
+    if settings.bad_body != "event":
+        return frames
+    ending = LINE_ENDINGS[settings.line_ending]
+    return [*frames[:1], b"data: " + faults.NOT_JSON + ending + ending, *frames[1:]]
 
 
 async def _endless_body(request: web.Request, settings: FakeSettings) -> NoReturn:
@@ -471,19 +542,41 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
+# A header that describes one call, not its answer, as OpenAI sends on every answer.
+_PER_CALL = {"openai-processing-ms": "1"}
+
+
 def _request_id(request: web.Request) -> dict[str, str]:
     return {"x-request-id": request.headers.get("x-request-id") or f"req_{secrets.token_hex(8)}"}
 
 
-def _json(request: web.Request, payload: JSON) -> web.Response:
-    headers = {"Content-Type": "application/json", **_request_id(request)}
-    return web.Response(body=orjson.dumps(payload), headers=headers)
+def _json(request: web.Request, payload: JSON, settings: FakeSettings) -> web.Response:
+    headers = {"Content-Type": "application/json", **_PER_CALL, **_request_id(request)}
+    response = web.Response(body=orjson.dumps(payload), headers=headers)
+    accepted = request.headers.get("Accept-Encoding", "")
+    if settings.compress is not None and settings.compress in accepted:
+        # Sent with its compressed Content-Length, as api.openai.com does for JSON.
+        response.enable_compression(web.ContentCoding(settings.compress))
+    return response
 
 
-def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeSettings:
+def _api_path(path: str) -> str:
+    """Azure's paths are the /v1 endpoints under other names."""
+    azure = _AZURE_PATH.fullmatch(path)
+    if azure is not None:
+        return "/v1/" + azure.group(1)
+    if path.startswith("/openai/v1/"):
+        return path.removeprefix("/openai")
+    return "/v1/responses" if path == "/openai/responses" else path
+
+
+def _with_overrides(settings: FakeSettings, request: web.Request) -> FakeSettings:
     changes: dict[str, int | float | str] = {}
+    if request.path.startswith("/openai/"):
+        changes["dialect"] = "azure"
     for header, (name, parse) in _HEADER_FIELDS.items():
-        value = headers.get(header)
+        query = "fake_" + header.removeprefix("x-fake-").replace("-", "_")
+        value = request.headers.get(header, request.query.get(query))
         if value is None:
             continue
         try:

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 
-from proxy.testing.fake_answers import FakeSettings
+from proxy.testing.fake_answers import DIALECTS, LINE_ENDINGS, FakeSettings
 from proxy.testing.fake_upstream import FakeUpstream, header_knobs
 
 __all__ = ["main"]
@@ -48,26 +48,51 @@ SETTING_HELP = {
     "require_key": "answer 401 unless the request has `Authorization: Bearer KEY` "
     "(default: any key, or none, is accepted)",
     "embedding_dims": "length of each embedding vector (default: %(default)s)",
+    "dialect": "whose wire quirks to speak: " + ", ".join(DIALECTS) + " (default: %(default)s)",
+    "line_ending": "how SSE lines end: " + ", ".join(LINE_ENDINGS) + " (default: %(default)s)",
+    "compress": "compress JSON answers with gzip or deflate when the caller accepts it "
+    "(default: off)",
+    "inband_error": "fail inside a 200: a stream sends two chunks, then an error chunk "
+    '(chat, completions) or a type "error" event (responses) with this status\'s code, and '
+    "ends; a non-stream answer is that error with this status (default: off)",
+    "bad_body": "answer 200 with what is not the endpoint's answer: text (text/plain), "
+    "json (JSON cut short), event (a stream whose second event is not JSON) (default: off)",
     "refuse": "answer 400 as an upstream that cannot stream does: `stream` refuses "
     "`stream: true`, `stream_options` refuses a body with stream_options (default: off)",
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
-_TEXT_SETTINGS = frozenset({"require_key", "retry_after", "endless", "refuse"})
+_TEXT_SETTINGS = frozenset(
+    {
+        "require_key",
+        "retry_after",
+        "endless",
+        "refuse",
+        "dialect",
+        "line_ending",
+        "compress",
+        "bad_body",
+    }
+)
 _METAVARS = {
     "endless": "events|line",
     "refuse": "stream|stream_options",
     "require_key": "KEY",
     "retry_after": "S|DATE",
     "retry_after_ms": "MS",
+    "dialect": "NAME",
+    "line_ending": "lf|crlf|cr",
+    "compress": "gzip|deflate",
+    "inband_error": "CODE",
+    "bad_body": "text|json|event",
 }
 
 
 def _epilog() -> str:
     lines = [
         "Per-request knobs: these request headers override the flags above for one",
-        "request (the proxy relays them upstream like any other header);",
-        "x-fake-error-times counts the errors sent to that request's body, so a",
-        "retried request fails its first N tries:",
+        "request (also as a fake_* query parameter, e.g. ?fake_dialect=vllm; the proxy",
+        "relays them upstream like any other header); x-fake-error-times counts the",
+        "errors sent to that request's body, so a retried request fails its first N tries:",
     ]
     for header, name in header_knobs().items():
         lines.append(f"  {header:<22} {_FLAGS.get(name, '--' + name.replace('_', '-'))}")
@@ -79,7 +104,8 @@ def _epilog() -> str:
         '  POST /_fake/settings   change settings live: a JSON object, e.g. {"ttft": 2}',
         "",
         "Serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and",
-        "/v1/responses (stream and not), and GET /v1/models.",
+        "/v1/responses (stream and not), and GET /v1/models; also Azure's",
+        "/openai/deployments/NAME/{chat/completions,completions,embeddings} paths.",
     ]
     return "\n".join(lines)
 
