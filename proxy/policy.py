@@ -305,6 +305,8 @@ class Route(_Model):
     ignore_fields: tuple[str, ...] = ("stream", "stream_options", "user")
     # Request headers whose values are part of the key (e.g. OpenAI-Organization).
     vary_headers: tuple[HeaderName, ...] = ()
+    # Headers that carry a credential besides the built-in list; all make the tenant.
+    credential_headers: tuple[HeaderName, ...] = ()
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None
