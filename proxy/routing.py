@@ -112,7 +112,7 @@ def compile_policy(
         steps: list[PrepareStep] = []
         for step_index, step in enumerate(route.prepare):
             try:
-                steps.append(build_step(step, env, client))
+                steps.append(build_step(step, env, client, policy.limits.max_body_bytes))
             except MissingSecret as exc:
                 problems.append((f"routes[{index}].prepare[{step_index}].env", str(exc)))
         methods = frozenset(m.upper() for m in route.match.methods) if route.match.methods else None
