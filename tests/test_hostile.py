@@ -444,3 +444,28 @@ async def test_an_oversize_answer_is_served_not_cached_and_harms_nothing(hostile
     )
     assert grew == 2
     assert sample(after, "llm_sidecar_cache_breaker_state", state="closed") == 1
+
+
+# -- follow-up: aiohttp's own errors are the proxy's -----------------------------------------
+
+OWN_ERRORS = [
+    pytest.param(request("CONNECT", "evil.example:443"), 404, id="connect"),
+    pytest.param(request("OPTIONS", "*"), 404, id="options-star"),
+    pytest.param(
+        request("POST", "/v1/chat/completions", chat("x"), Expect=CALLER_SECRET), 417, id="expect"
+    ),
+    pytest.param(request("GET", "/v1/models", Expect=CALLER_SECRET), 417, id="expect-relayed"),
+]
+
+
+@pytest.mark.parametrize(("raw", "status"), OWN_ERRORS)
+async def test_aiohttp_errors_are_openai_style_and_echo_nothing(
+    hostile: Rig, raw: bytes, status: int
+) -> None:
+    got, headers, body = await send(hostile.px.port, raw)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert headers["x-llm-sidecar"] == "error"
+    assert set(orjson.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert CALLER_SECRET not in body.decode()
+    assert hostile.upstream.seen == []
