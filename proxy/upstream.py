@@ -132,10 +132,14 @@ async def open_upstream(
     headers: CIMultiDict[str],
     data: bytes | AsyncIterator[bytes] | None,
 ) -> aiohttp.ClientResponse:
-    """Send the request; return once response headers arrive."""
+    """Send the request; return once response headers arrive.
+
+    An informational status as the answer (`101 Switching Protocols`, a bare
+    `103`) is no answer for an HTTP API caller: it is a 502, never passed on.
+    """
     try:
         async with asyncio.timeout(config.first_byte_timeout):
-            return await session.request(
+            response = await session.request(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
     except TimeoutError as exc:
@@ -146,6 +150,12 @@ async def open_upstream(
         raise UpstreamUnavailable(
             f"llm-sidecar: the upstream is unreachable ({type(exc).__name__})"
         ) from exc
+    if response.status < 200:
+        response.close()  # an upgraded or half-answered connection is never reused
+        raise UpstreamUnavailable(
+            f"llm-sidecar: the upstream answered {response.status}, not an HTTP answer"
+        )
+    return response
 
 
 class _Idle(Exception):
