@@ -24,6 +24,7 @@ from proxy.errors import (
     UpstreamTooLong,
     UpstreamUnavailable,
 )
+from proxy.keys import split_query
 from proxy.paths import PathRejected, confine
 from proxy.policy import Upstream
 
@@ -120,6 +121,9 @@ def upstream_url(config: Upstream, path: str, query: str) -> URL:
         path = confine(path)
     except PathRejected as exc:
         raise BadPath(f"llm-sidecar: the request path is not allowed: {exc}") from exc
+    if config.api_key_env is not None:
+        # The proxy sends its own key: the caller's query credentials stay here.
+        query = split_query(query)[0]
     url = _base(config.base_url) + path[3:]
     return URL(f"{url}?{query}" if query else url, encoded=True)
 
