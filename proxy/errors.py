@@ -99,6 +99,20 @@ class QueueTimeout(ProxyError):
         self.retry_after = retry_after
 
 
+class BodiesBusy(ProxyError):
+    """The request bodies held in the process are at `max_body_bytes_in_flight`."""
+
+    status = 503
+    type = "server_error"
+    code = "proxy_bodies_busy"
+    retry_after = 1.0
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"llm-sidecar: request bodies in flight are at the {limit}-byte limit; retry later"
+        )
+
+
 class UpstreamUnavailable(ProxyError):
     status = 502
     type = "server_error"

@@ -55,7 +55,20 @@ _OWNED_RESPONSE = HOP_BY_HOP | {
     "date",
 }
 
-CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+# Every request header that commonly carries a caller's credential (OpenAI,
+# Azure, Anthropic, Google, API gateways, OpenStack, cookies, proxies). All of
+# them make the tenant; a route's `credential_headers` adds more.
+CREDENTIAL_HEADERS = (
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "anthropic-api-key",
+    "x-auth-token",
+    "cookie",
+    "proxy-authorization",
+)
 _OWNED_AND_CREDENTIALS = _OWNED_REQUEST | frozenset(CREDENTIAL_HEADERS)
 
 
@@ -95,9 +108,9 @@ def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:
     return _filter(headers, _OWNED_RESPONSE)
 
 
-def first_credential(headers: Headers) -> str | None:
-    for name in CREDENTIAL_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value
-    return None
+def credentials_of(headers: Headers, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Every (lowercase name, value) of every credential header the caller sent."""
+    found: list[tuple[str, str]] = []
+    for name in (*CREDENTIAL_HEADERS, *extra):
+        found.extend((name, value) for value in headers.getall(name, ()) if value)
+    return found

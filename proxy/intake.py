@@ -19,8 +19,14 @@ from yarl import URL
 
 from proxy.endpoint import Endpoint
 from proxy.errors import BadPath, BadRequest, BodyTooLarge, NotFound, RequestTimeout
-from proxy.headers import first_credential
-from proxy.keys import SHARED_TENANT, request_key, split_query, tenant_of
+from proxy.headers import credentials_of
+from proxy.keys import (
+    SHARED_TENANT,
+    request_key,
+    split_query,
+    tenant_of,
+    tenant_of_credentials,
+)
 from proxy.paths import PathRejected, confine
 from proxy.policy import Limits
 from proxy.routing import CompiledRoute, Snapshot
@@ -151,7 +157,9 @@ def coalescible_intake(
     elif config.tenant_header is not None:
         tenant = tenant_of(request.headers.get(config.tenant_header))
     else:
-        tenant = tenant_of(first_credential(request.headers), query_credential)
+        tenant = tenant_of_credentials(
+            credentials_of(request.headers, config.credential_headers), query_credential
+        )
     try:
         key = request_key(
             tenant,

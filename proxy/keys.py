@@ -42,6 +42,26 @@ def tenant_of(value: str | None, *more: str | None) -> str:
     return hashlib.sha256(b"llm-sidecar-tenant\0" + joined).hexdigest()[:32]
 
 
+def tenant_of_credentials(
+    headers: Iterable[tuple[str, str]], query_credentials: str | None = None
+) -> str:
+    """The tenant for every credential a caller presented: each (name, value)
+    header pair, each value of a repeated header, and the query's credentials.
+
+    Order-independent per name. A caller with a single credential hashes as
+    `tenant_of(value)` always has, so entries cached by older versions stay
+    reachable; any second credential makes another tenant.
+    """
+    pairs = sorted(set(headers))
+    if query_credentials:
+        pairs.extend(("?", value) for value in query_credentials.split("\0"))
+    if len(pairs) <= 1:
+        return tenant_of(pairs[0][1] if pairs else None)
+    # Name and value tagged: `authorization: X` + `api-key: A` never equals
+    # `authorization: X` + `x-api-key: A`; header values cannot hold NUL.
+    return tenant_of(*(f"{name}\x01{value}" for name, value in pairs))
+
+
 def split_query(query: str) -> tuple[str, str | None]:
     """The raw query string without its credential parameters, and those
     credentials (joined), or None when it carries none."""
@@ -55,7 +75,8 @@ def split_query(query: str) -> tuple[str, str | None]:
             credentials.append(unquote_plus(value))
         else:
             kept.append(pair)
-    return "&".join(kept), "\0".join(credentials) if credentials else None
+    # Sorted: the order of credential parameters never makes another tenant.
+    return "&".join(kept), "\0".join(sorted(credentials)) if credentials else None
 
 
 def canonical_body(body: Mapping[str, Any], ignore: Iterable[str]) -> bytes:

@@ -46,12 +46,15 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         endpoint = route.endpoint(request.method, request.path)
         if endpoint is None:
             return await relay(request, route, request_id, rt, policy.limits, policy.stream)
-        raw = await read_body(request, policy.limits)
-        intake = coalescible_intake(request, route, endpoint, raw, request_id)
-        if endpoint.stateful(intake.body):
-            # Each call changes state upstream: it must reach it every time, as sent.
-            return await relay(request, route, request_id, rt, policy.limits, policy.stream, raw)
-        return await send_whole(request, await coalesce(request, intake, rt), policy.stream)
+        limits = policy.limits
+        raw = await read_body(request, limits)
+        budget = limits.max_body_bytes_in_flight or 4 * limits.max_body_bytes
+        with rt.bodies.hold(len(raw), budget):  # parsing may cost ~30x the bytes
+            intake = coalescible_intake(request, route, endpoint, raw, request_id)
+            if endpoint.stateful(intake.body):
+                # Each call changes state upstream: it must reach it every time, as sent.
+                return await relay(request, route, request_id, rt, limits, policy.stream, raw)
+            return await send_whole(request, await coalesce(request, intake, rt), policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)
 

@@ -62,6 +62,9 @@ class Listen(_Model):
 
 class Limits(_Model):
     max_body_bytes: Size = 10 * 1024 * 1024
+    # Request bodies held by all requests at once (parsed, they cost many
+    # times their size); None: 4 x max_body_bytes. Past it: 503.
+    max_body_bytes_in_flight: Size | None = None
     # A caller's request head must be complete this long after its first byte.
     header_timeout: Duration = Field(10.0, gt=0)
     # The whole request body must arrive this long after its head (408 otherwise).
@@ -305,6 +308,8 @@ class Route(_Model):
     ignore_fields: tuple[str, ...] = ("stream", "stream_options", "user")
     # Request headers whose values are part of the key (e.g. OpenAI-Organization).
     vary_headers: tuple[HeaderName, ...] = ()
+    # Headers that carry a credential besides the built-in list; all make the tenant.
+    credential_headers: tuple[HeaderName, ...] = ()
     on_abandon: Literal["finish", "cancel"] = "finish"
     prepare: tuple[PrepareStepConfig, ...] = ()
     cache: RouteCache | None = None

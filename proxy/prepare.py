@@ -147,6 +147,7 @@ class HttpHookStep:
     url: str
     timeout: float
     client: HookClient
+    max_bytes: int  # the hook's answer becomes a request body: the same bound
 
     async def __call__(self, request: Outgoing) -> Outgoing:
         try:
@@ -155,20 +156,31 @@ class HttpHookStep:
                     self.url,
                     data=orjson.dumps(request.body),
                     headers={"Content-Type": "application/json"},
+                    # Only the configured hook host is ever contacted.
+                    allow_redirects=False,
                 ) as response:
-                    payload = await response.read()
                     status = response.status
+                    # Read at most one byte past the bound: a huge answer costs nothing more.
+                    payload = await response.content.read(self.max_bytes + 1)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(
                 f"llm-sidecar: the prepare hook did not answer ({type(exc).__name__})"
             ) from exc
         if status >= 400:
             raise HookRejected(_hook_message(payload, status), status)
+        if status >= 300:
+            raise UpstreamUnavailable(f"llm-sidecar: the prepare hook redirected ({status})")
+        if len(payload) > self.max_bytes:
+            raise UpstreamUnavailable(
+                f"llm-sidecar: the prepare hook's answer is over the {self.max_bytes}-byte limit"
+            )
         try:
             body = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
+            # What goes upstream is re-encoded: orjson reads deeper than it writes.
+            orjson.dumps(body)
+        except (orjson.JSONDecodeError, TypeError) as exc:
             raise UpstreamUnavailable(
-                "llm-sidecar: the prepare hook returned invalid JSON"
+                "llm-sidecar: the prepare hook returned invalid or too deeply nested JSON"
             ) from exc
         if not isinstance(body, dict):
             raise UpstreamUnavailable("llm-sidecar: the prepare hook must return a JSON object")
@@ -193,7 +205,7 @@ class MissingSecret(Exception):
 
 
 def build_step(
-    config: PrepareStepConfig, environ: dict[str, str], client: HookClient
+    config: PrepareStepConfig, environ: dict[str, str], client: HookClient, max_bytes: int
 ) -> PrepareStep:
     if isinstance(config, SetHeaders):
         return SetHeadersStep(tuple(config.headers.items()), config.remove)
@@ -210,7 +222,7 @@ def build_step(
     if isinstance(config, SystemMessage):
         return SystemMessageStep(config.content)
     if isinstance(config, HttpHook):
-        return HttpHookStep(config.url, config.timeout, client)
+        return HttpHookStep(config.url, config.timeout, client, max_bytes)
     raise AssertionError(f"unhandled prepare step {config!r}")
 
 

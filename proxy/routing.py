@@ -19,7 +19,14 @@ from proxy.cache.factory import cache_problems
 from proxy.endpoint import Endpoint, endpoint_of
 from proxy.headers import Headers, upstream_request_headers
 from proxy.policy import LoadedPolicy, PolicyError, Route, Upstream
-from proxy.prepare import HookClient, MissingSecret, PrepareStep, Secret, build_step
+from proxy.prepare import (
+    HookClient,
+    InjectKeyStep,
+    MissingSecret,
+    PrepareStep,
+    Secret,
+    build_step,
+)
 from proxy.retry import RetryRules
 from proxy.targets import Strategy, target_label
 
@@ -59,6 +66,11 @@ class CompiledRoute:
         if self.methods is not None and method not in self.methods:
             return False
         return self.pattern.fullmatch(path) is not None
+
+    @property
+    def injects_key(self) -> bool:
+        """Whether an inject_key step replaces the caller's credentials."""
+        return any(isinstance(step, InjectKeyStep) for step in self.steps)
 
     def upstream_headers(self, headers: Headers, request_id: str) -> CIMultiDict[str]:
         """The caller's headers as this route sends them upstream."""
@@ -112,7 +124,7 @@ def compile_policy(
         steps: list[PrepareStep] = []
         for step_index, step in enumerate(route.prepare):
             try:
-                steps.append(build_step(step, env, client))
+                steps.append(build_step(step, env, client, policy.limits.max_body_bytes))
             except MissingSecret as exc:
                 problems.append((f"routes[{index}].prepare[{step_index}].env", str(exc)))
         methods = frozenset(m.upper() for m in route.match.methods) if route.match.methods else None

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.budget import BodyBudget
 from proxy.cache.base import Cache, NullCache
 from proxy.errors import ShuttingDown, UpstreamBroken
 from proxy.limiter import StageEvent, StageLimiter
@@ -95,6 +96,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     # Retry budget, target ejections and the draws between targets.
     retries: RetryState = field(default_factory=RetryState)
+    bodies: BodyBudget = field(default_factory=BodyBudget)
 
     def new_request_id(self) -> str:
         """A unique id: a random per-process prefix and a counter.

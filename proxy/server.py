@@ -19,7 +19,10 @@ whose protocol is `GuardedHandler`:
 * a malformed body that aiohttp finds while discarding the rest of it
   (after the response) is logged the same way, without its traceback;
 * a request whose body timed out is not lingered on: the connection closes
-  right after its 408.
+  right after its 408;
+* an error aiohttp raises itself (a request target the router cannot match,
+  such as `CONNECT host:443` or `OPTIONS *`; an `Expect` other than
+  `100-continue`) is an OpenAI-style error too, and never echoes the request.
 
 aiohttp offers no hook for any of this, so `GuardedHandler` subclasses its
 `RequestHandler` and reads a few of its fields (`_request_count`,
@@ -32,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -159,6 +162,22 @@ class GuardedHandler(RequestHandler):
                 log.info("request head timed out", extra={"fields": fields})
         self.force_close()
 
+    async def _handle_request(
+        self,
+        request: web.BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+            try:
+                return await request_handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return _own_error(exc.status)
+
+        return await super()._handle_request(request, start_time, guarded)
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's own error lines. A caller's malformed body found while
         aiohttp discarded it (after the response) is the caller's fault: one
@@ -208,6 +227,22 @@ class GuardedHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+
+def _own_error(status: int) -> web.Response:
+    """aiohttp's own error, as the proxy's: its text may quote the request
+    (`Unknown Expect: <value>`), so only the status phrase is kept."""
+    if status == 417:
+        text, code = "llm-sidecar: only Expect: 100-continue is supported", "expectation_failed"
+    elif status == 404:
+        text, code = "llm-sidecar: nothing is served at this request target", "not_found"
+    else:
+        text, code = f"llm-sidecar: {HTTPStatus(status).phrase.lower()}", None
+    return web.Response(
+        status=status,
+        body=error_body(text, "invalid_request_error", code),
+        headers={"Content-Type": "application/json", SERVED_BY: "error"},
+    )
 
 
 def stop_lingering(request: web.BaseRequest) -> None:

@@ -24,6 +24,7 @@ from proxy.errors import (
     UpstreamTooLong,
     UpstreamUnavailable,
 )
+from proxy.keys import split_query
 from proxy.paths import API_PREFIX, PathRejected, confine, under
 from proxy.policy import Upstream
 
@@ -121,6 +122,9 @@ def upstream_url(config: Upstream, path: str, query: str) -> URL:
         path = confine(path)
     except PathRejected as exc:
         raise BadPath(f"llm-sidecar: the request path is not allowed: {exc}") from exc
+    if config.api_key_env is not None:
+        # The proxy sends its own key: the caller's query credentials stay here.
+        query = split_query(query)[0]
     url = _base(config.base_url) + (path[3:] if under(path, API_PREFIX) else path)
     return URL(f"{url}?{query}" if query else url, encoded=True)
 
@@ -142,10 +146,13 @@ async def open_upstream(
     beyond what the caller sent, so the bytes match their `Content-Encoding`
     and `Content-Length` for the caller. Otherwise aiohttp asks for gzip and
     decodes it, for the proxy's own parsing.
+
+    An informational status as the answer (`101 Switching Protocols`, a bare
+    `103`) is no answer for an HTTP API caller: it is a 502, never passed on.
     """
     try:
         async with asyncio.timeout(config.first_byte_timeout):
-            return await session.request(
+            response = await session.request(
                 method,
                 url,
                 headers=headers,
@@ -162,6 +169,12 @@ async def open_upstream(
         raise UpstreamUnavailable(
             f"llm-sidecar: the upstream is unreachable ({type(exc).__name__})"
         ) from exc
+    if response.status < 200:
+        response.close()  # an upgraded or half-answered connection is never reused
+        raise UpstreamUnavailable(
+            f"llm-sidecar: the upstream answered {response.status}, not an HTTP answer"
+        )
+    return response
 
 
 class _Idle(Exception):

@@ -333,8 +333,8 @@ async def test_the_query_string_and_vary_headers_are_in_the_key(hostile: Rig) ->
     assert targets == [
         f"{path}?api-version=A",
         f"{path}?api-version=B",
-        f"{path}?key={QUERY_SECRET}",
-        f"{path}?key={QUERY_SECRET}x",
+        path,  # the proxy injects its own key: query credentials stay here
+        path,
         path,
         path,
     ]
@@ -447,3 +447,42 @@ async def test_an_oversize_answer_is_served_not_cached_and_harms_nothing(hostile
     )
     assert grew == 2
     assert sample(after, "llm_sidecar_cache_breaker_state", state="closed") == 1
+
+
+# -- follow-up: aiohttp's own errors are the proxy's -----------------------------------------
+
+OWN_ERRORS = [
+    pytest.param(request("CONNECT", "evil.example:443"), 404, id="connect"),
+    pytest.param(request("OPTIONS", "*"), 404, id="options-star"),
+    pytest.param(
+        request("POST", "/v1/chat/completions", chat("x"), Expect=CALLER_SECRET), 417, id="expect"
+    ),
+    pytest.param(request("GET", "/v1/models", Expect=CALLER_SECRET), 417, id="expect-relayed"),
+]
+
+
+@pytest.mark.parametrize(("raw", "status"), OWN_ERRORS)
+async def test_aiohttp_errors_are_openai_style_and_echo_nothing(
+    hostile: Rig, raw: bytes, status: int
+) -> None:
+    got, headers, body = await send(hostile.px.port, raw)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert headers["x-llm-sidecar"] == "error"
+    assert set(orjson.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert CALLER_SECRET not in body.decode()
+    assert hostile.upstream.seen == []
+
+
+async def test_query_credentials_never_go_upstream_beside_the_injected_key(hostile: Rig) -> None:
+    """The rig's upstream has api_key_env: the proxy sends its own key, so a
+    caller's `?key=` / `?api-key=` / `?api_key=` stays with the proxy."""
+    port = hostile.px.port
+    query = f"api-version=A&key={QUERY_SECRET}&api-key={QUERY_SECRET}&api_key={QUERY_SECRET}"
+    relayed = request("GET", f"/v1/models?{query}")
+    coalesced = request("POST", f"/v1/chat/completions?{query}", chat("query creds"))
+    for raw in (relayed, coalesced):
+        status, _, _ = await send(port, raw)
+        assert status == 200
+    assert [seen.target.split("?", 1)[1] for seen in hostile.upstream.seen] == ["api-version=A"] * 2
+    assert all(QUERY_SECRET not in repr(seen) for seen in hostile.upstream.seen)

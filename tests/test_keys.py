@@ -8,7 +8,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.keys import ANONYMOUS_TENANT, canonical_body, request_key, split_query, tenant_of
+from proxy.keys import (
+    ANONYMOUS_TENANT,
+    canonical_body,
+    request_key,
+    split_query,
+    tenant_of,
+    tenant_of_credentials,
+)
 
 IGNORE = ("stream", "stream_options", "user")
 
@@ -117,3 +124,14 @@ def test_header_bytes_that_were_not_utf8_still_hash() -> None:
     value = b"Bearer \xff\xfe".decode("utf-8", "surrogateescape")
     assert len(tenant_of(value)) == 32
     assert request_key(tenant_of(value), "up", "POST", "/p", {}, IGNORE, vary=[value])
+
+
+def test_the_tenant_covers_every_credential_in_any_order() -> None:
+    bearer = ("authorization", "Bearer X")
+    assert tenant_of_credentials([bearer]) == tenant_of("Bearer X")  # unchanged for one
+    a = tenant_of_credentials([bearer, ("api-key", "A")])
+    assert a != tenant_of_credentials([bearer, ("api-key", "B")])
+    assert a != tenant_of_credentials([bearer, ("x-api-key", "A")])
+    assert a == tenant_of_credentials([("api-key", "A"), bearer])
+    assert a != tenant_of_credentials([bearer, ("api-key", "A")], "q")
+    assert tenant_of_credentials([], "q") == tenant_of(None, "q")

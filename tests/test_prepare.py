@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.testing.fake_upstream import FakeUpstream
@@ -119,3 +120,71 @@ async def test_log_cap_makes_late_requests_take_their_own_path(
     assert status == 200 and headers["x-llm-sidecar"] == "lead"
     assert fake.total_calls == 2
     await wait_idle(proxy.runtime)
+
+
+HOOK_LIMIT = 64 * 1024
+
+
+async def test_http_hook_answers_are_bounded_parsed_safely_and_never_redirected(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    """A hostile hook: a huge answer, JSON nested too deep, a redirect elsewhere.
+    Each is an OpenAI-style 502; the huge answer is not read to its end and
+    the redirect's target is never contacted."""
+    written: list[int] = []
+    elsewhere: list[str] = []
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b" " * 65536
+        sent = 0
+        try:
+            for _ in range(4096):  # 256 MiB if the proxy read it all
+                await response.write(chunk)
+                sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            written.append(sent)
+        return response
+
+    async def deep(request: web.Request) -> web.Response:
+        nested = b"[" * 600 + b"]" * 600
+        return web.Response(body=b'{"model":"m","messages":[],"x":' + nested + b"}")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{request.url.port}/elsewhere")
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.path)
+        return web.json_response({"model": "m", "messages": []})
+
+    app = web.Application()
+    app.router.add_post("/huge", huge)
+    app.router.add_post("/deep", deep)
+    app.router.add_post("/redirect", redirect)
+    app.router.add_route("*", "/elsewhere", other)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        for path in ("huge", "deep", "redirect"):
+            policy = _route({"step": "http_hook", "url": f"http://127.0.0.1:{port}/{path}"})
+            policy["limits"] = {"max_body_bytes": HOOK_LIMIT}
+            proxy = await start_proxy(policy)
+            async with asyncio.timeout(10):
+                status, headers, body = await _post(f"{proxy.base_url}/chat/completions", CHAT)
+            assert (path, status, headers["x-llm-sidecar"]) == (path, 502, "error")
+            assert orjson.loads(body)["error"]["code"] == "upstream_unavailable"
+            await wait_idle(proxy.runtime)
+        async with asyncio.timeout(10):
+            while not written:
+                await asyncio.sleep(0.01)
+        assert written[0] < 64 * 1024 * 1024  # the hook was cut off, not read to the end
+        assert elsewhere == []
+        assert fake.total_calls == 0
+    finally:
+        await runner.cleanup()

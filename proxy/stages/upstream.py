@@ -30,6 +30,7 @@ from proxy.endpoint import Endpoint
 from proxy.errors import InBandError, UpstreamBroken, UpstreamEventTooLarge
 from proxy.headers import ATTEMPTS_HEADER, SHOULD_RETRY_HEADER, downstream_response_headers
 from proxy.intake import Intake
+from proxy.keys import split_query
 from proxy.policy import Upstream
 from proxy.prepare import Outgoing
 from proxy.runtime import Runtime
@@ -57,7 +58,7 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
     async with rt.stages.upstream.slot(intake.request_id), deadline(intake.route.upstream):
         # Each attempt is recorded on the stream and counted in the metrics there.
         opened = await call_with_retries(
-            rt, stream, intake.route, outgoing.path, intake.query, headers, payload
+            rt, stream, intake.route, outgoing.path, _query(intake), headers, payload
         )
         with opened.lease:
             # The answering target's bounds and idle timeout: a fallback may differ.
@@ -67,6 +68,11 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
                 body_failed(rt, stream, opened, exc)  # too late to retry; still its failure
                 raise
             body_done(rt, opened)
+
+
+def _query(intake: Intake) -> str:
+    """The caller's query; without its credentials when inject_key replaces them."""
+    return split_query(intake.query)[0] if intake.route.injects_key else intake.query
 
 
 async def relay_into(
