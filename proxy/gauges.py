@@ -1,8 +1,8 @@
 """Levels read from the runtime at scrape time: the request path pays nothing.
 
 Stage in-use and queued counts, streams in flight, pumps alive, draining,
-the policy version and the cache's counters. `watch` registers them on the
-runtime's own registry and times its stage waits. Kept apart from
+the policy version, the cache's and cross-replica coalescing's counters.
+`watch` registers them on the runtime's own registry and times its stage waits. Kept apart from
 `proxy.metrics` so that the runtime can own a `Metrics` without the metrics
 module knowing the runtime.
 """
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.cluster.report import metrics_of
 from proxy.metrics import cache_metrics
 from proxy.runtime import Runtime
 
@@ -65,3 +66,4 @@ class RuntimeCollector(Collector):
             "llm_sidecar_policy", "The policy being served.", value={"version": rt.snapshot.version}
         )
         yield from cache_metrics(rt.cache)
+        yield from metrics_of(rt)

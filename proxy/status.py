@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy.cache.base import Cache
+from proxy.cluster.report import status_of
 from proxy.runtime import RUNTIME
 
 KEY_PREFIX_CHARS = 12
@@ -47,6 +48,7 @@ async def status_endpoint(request: web.Request) -> web.Response:
             "events": len(stream.events),
             "bytes": stream.size,
             "age_s": round(now - stream.created_at, 3),
+            "role": stream.role,
         }
         for stream in rt.table
     ]
@@ -58,6 +60,7 @@ async def status_endpoint(request: web.Request) -> web.Response:
         "pumps": len(rt.pumps),
         "tasks": len(asyncio.all_tasks()),
         "cache": _cache_stats(rt.cache),
+        "cluster": status_of(rt),
     }
     return web.Response(
         body=orjson.dumps(body, default=str), headers={"Content-Type": "application/json"}

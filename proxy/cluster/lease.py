@@ -1,0 +1,92 @@
+"""The owner's lease on a key: claim, renew and release, with a fencing token.
+
+A claim is `SET lease token NX PX ms` with a fresh random token: exactly one
+replica's SET succeeds while the lease lives, and the others learn the
+holder's token in the same round trip (it names the log they read).
+Renewing and releasing are Lua scripts that act only if the stored token is
+still ours, as redis-py's `redis/asyncio/lock.py` does (`LUA_EXTEND_SCRIPT`,
+`LUA_RELEASE_SCRIPT`): a replica that paused past its lease can neither
+extend nor delete the lease of the replica that claimed after it. The log
+writer carries the same token into every append (`proxy.cluster.log`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from redis.asyncio import Redis, RedisCluster
+
+from proxy.cluster.names import FlightNames
+
+# KEYS[1] lease; ARGV[1] token, ARGV[2] lease ms. -> {1, token} | {0, holder}
+CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, ARGV[1]}
+end
+return {0, redis.call('GET', KEYS[1])}
+"""
+
+# KEYS[1] lease, KEYS[2] log; ARGV[1] token, ARGV[2] lease ms, ARGV[3] log ttl ms.
+# The log lives as long as the lease does (plus its TTL): a slow first token
+# never lets the head expire under the readers.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS[1] lease; ARGV[1] token. Compare-and-delete.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+Client = Redis | RedisCluster
+
+
+def new_token() -> str:
+    """64 random bits: two live claims never share one."""
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    won: bool
+    token: str | None  # ours when won; else the holder's (None: it lapsed as we asked)
+
+
+class Leases:
+    """The three lease scripts, registered once on one client."""
+
+    def __init__(self, client: Client, lease_ms: int, log_ttl_ms: int) -> None:
+        self.lease_ms = lease_ms
+        self.log_ttl_ms = log_ttl_ms
+        self._claim = client.register_script(CLAIM)
+        self._renew = client.register_script(RENEW)
+        self._release = client.register_script(RELEASE)
+
+    async def claim(self, names: FlightNames) -> Claim:
+        token = new_token()
+        won, holder = await self._claim(keys=[names.lease], args=[token, self.lease_ms])
+        if won:
+            return Claim(True, token)
+        return Claim(False, None if holder is None else _text(holder))
+
+    async def renew(self, names: FlightNames, token: str) -> bool:
+        """False: the lease is no longer ours (it lapsed, maybe another claimed it)."""
+        ttl = self.lease_ms + self.log_ttl_ms
+        args: list[str | int] = [token, self.lease_ms, ttl]
+        return bool(await self._renew(keys=[names.lease, names.log(token)], args=args))
+
+    async def release(self, names: FlightNames, token: str) -> bool:
+        return bool(await self._release(keys=[names.lease], args=[token]))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
