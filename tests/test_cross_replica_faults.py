@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import StartProxy, post, wait_idle
-from tests.proxy_process import sample
+from tests.proxy_process import ProxyProcess, sample
 from tests.redis_server import RedisServer
 from tests.replicas import (
     all_idle,
@@ -92,7 +92,7 @@ async def test_redis_killed_mid_stream_fails_only_the_readers_it_was_carrying(
         assert sample(samples, "llm_sidecar_cluster_mirror_ends_total", how="cut") == 1
 
 
-async def _gathered(procs: list, fake: FakeUpstream, want: int) -> bool:
+async def _gathered(procs: list[ProxyProcess], fake: FakeUpstream, want: int) -> bool:
     # Held answers: the first call; one per new prompt per replica (4 x 3); the
     # cut prompt again on the two replicas whose stream of it was cut.
     return fake.in_flight == 1 + 4 * 3 + 2 and await readers(procs) == want
