@@ -98,19 +98,6 @@ class Cache(_Model):
     breaker: Breaker = Breaker()
 
 
-class Cluster(_Model):
-    """Cross-replica coalescing: many sidecars sharing one Redis share live streams."""
-
-    coalesce_across_replicas: bool = False
-    url: str | None = None  # None: the cache's Redis (`cache.url`, `cache.password_env`)
-    password_env: str | None = None
-    mode: Literal["single", "cluster"] = "single"
-    lease: Duration = 5.0
-    stream_ttl: Duration = 30.0
-    max_stream_bytes: Size = 16 * 1024 * 1024
-    timeout: Duration = 0.2
-
-
 class StreamSettings(_Model):
     max_log_bytes: Size = 16 * 1024 * 1024
     keepalive_interval: Duration = 5.0
@@ -210,7 +197,6 @@ class Policy(_Model):
     stages: Stages = Stages()
     stream: StreamSettings = StreamSettings()
     cache: Cache = Cache()
-    cluster: Cluster = Cluster()
     reload: Reload = Reload()
     shutdown: Shutdown = Shutdown()
     routes: tuple[Route, ...] = Field(min_length=1)
