@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.policy_messages import PathError, problems_of
+from proxy.policy_messages import Loc, PathError, problems_of
 from proxy.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -88,9 +88,14 @@ class Breaker(_Model):
     reset_after: Duration = 5.0
 
 
+RedisMode = Literal["single", "cluster"]
+
+
 class Cache(_Model):
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
+    # "cluster": `url` names any one node of a Redis Cluster (redis-py's cluster client).
+    mode: RedisMode = "single"
     password_env: str | None = None
     max_bytes: Size = 256 * 1024 * 1024
     timeout: Duration = 0.2
@@ -188,6 +193,59 @@ class Route(_Model):
     cache: RouteCache | None = None
 
 
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class ClusterSettings(_Model):
+    """Cross-replica coalescing: one upstream call per key across every sidecar.
+
+    `url: null` means the cache's Redis: its url, password_env and mode all
+    apply, so `password_env` and `mode` here belong to an own `url` only.
+    """
+
+    coalesce_across_replicas: bool = False
+    url: str | None = None
+    password_env: str | None = None
+    mode: RedisMode = "single"
+    lease: PositiveDuration = 5.0
+    stream_ttl: PositiveDuration = 30.0
+    max_stream_bytes: Annotated[Size, Field(gt=0)] = StreamSettings().max_log_bytes
+    timeout: PositiveDuration = 0.2
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        return value
+
+
+def _cluster_problems(cluster: ClusterSettings, cache: Cache) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    if cluster.url is None:
+        # Silently ignoring these would leave a user believing they apply.
+        for field in ("password_env", "mode"):
+            if field in cluster.model_fields_set:
+                problems.append(
+                    (
+                        ("cluster", field),
+                        f"applies to cluster.url only; without it the cache's Redis "
+                        f"is used (set cache.{field} instead)",
+                    )
+                )
+        if cluster.coalesce_across_replicas and cache.backend != "redis":
+            problems.append(
+                (
+                    ("cluster", "coalesce_across_replicas"),
+                    "needs a Redis: set cluster.url, or cache.backend: redis to share the cache's",
+                )
+            )
+    if cluster.timeout >= cluster.lease:
+        # The owner renews every lease/3; a call slower than the lease cannot keep it.
+        problems.append((("cluster", "timeout"), "must be shorter than cluster.lease"))
+    return problems
+
+
 class Policy(_Model):
     version: str | None = None
     listen: Listen = Listen()
@@ -197,6 +255,7 @@ class Policy(_Model):
     stages: Stages = Stages()
     stream: StreamSettings = StreamSettings()
     cache: Cache = Cache()
+    cluster: ClusterSettings = ClusterSettings()
     reload: Reload = Reload()
     shutdown: Shutdown = Shutdown()
     routes: tuple[Route, ...] = Field(min_length=1)
@@ -221,6 +280,7 @@ class Policy(_Model):
                     'the last route must be a catch-all: match: {path: "/v1/*"} with no methods',
                 )
             )
+        problems.extend(_cluster_problems(self.cluster, self.cache))
         if problems:
             raise PathError(problems)
         return self
