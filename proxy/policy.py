@@ -102,6 +102,15 @@ class Cache(_Model):
     key_prefix: str = "llm-sidecar:"
     breaker: Breaker = Breaker()
 
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        # Names carry the request key as a Redis Cluster hash tag; a brace in
+        # the prefix would become the tag, putting every key in one slot.
+        if "{" in value or "}" in value:
+            raise ValueError("key_prefix cannot contain { or }")
+        return value
+
 
 class StreamSettings(_Model):
     max_log_bytes: Size = 16 * 1024 * 1024

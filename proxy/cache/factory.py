@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from redis.asyncio.connection import parse_url
-
 from proxy.cache.breaker import CircuitBreaker
 from proxy.cache.lane import Backend, CacheLane
 from proxy.cache.memory import MemoryBackend
 from proxy.cache.redis import RedisBackend
 from proxy.policy import Policy, PolicyError
+from proxy.redis_client import url_problem
 
 
 def cache_problems(policy: Policy, environ: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -30,10 +29,9 @@ def cache_problems(policy: Policy, environ: Mapping[str, str]) -> list[tuple[str
         problems.append(
             ("cache.password_env", f"environment variable {config.password_env} is not set")
         )
-    try:
-        parse_url(config.url)
-    except ValueError as exc:  # redis-py's message names the schemes, never the credentials
-        problems.append(("cache.url", str(exc)))
+    problem = url_problem(config.url, config.mode)
+    if problem is not None:
+        problems.append(("cache.url", problem))
     return problems
 
 
@@ -50,8 +48,17 @@ def build_cache(
         if problems:
             raise PolicyError.of(source, problems)
         password = environ.get(config.password_env) if config.password_env else None
+        lane = policy.stages.cache
         backend = RedisBackend(
-            config.url, password=password, timeout=config.timeout, key_prefix=config.key_prefix
+            config.url,
+            password=password,
+            timeout=config.timeout,
+            key_prefix=config.key_prefix,
+            mode=config.mode,
+            # Every lookup worker and every write the lane allows (its default
+            # bound, workers + max_queue) may be on one node at once: a cluster
+            # node's pool must not refuse a call a single Redis would take.
+            max_connections=2 * lane.workers + lane.max_queue,
         )
     return CacheLane(
         backend,

@@ -5,19 +5,15 @@ so Redis expires it. Keys arrive already hashed by the pipeline and values
 hold no request headers, so nothing here is a credential; still, neither is
 ever logged.
 
-The client is built so that a sick Redis costs a bounded time and leaves
-nothing broken behind:
+On a Redis Cluster (`mode: cluster`) the name is `key_prefix + "{" + key +
+"}"` instead (`proxy.redis_names`): the hash tag puts the entry in the slot
+of everything else kept for that key. A single Redis keeps the untagged
+name, so entries written by earlier versions stay reachable.
 
-* constructing it does not connect, so Redis being down at start-up never
-  stops start-up; the first command connects;
-* no retries (redis-py 6+ retries 10 times with backoff by default), so one
-  call is one attempt and the lane's timeout is the whole cost;
-* socket and connect timeouts equal the lane's timeout, a second guard for
-  when this backend is used without the lane;
-* a command that fails or is cancelled (the lane's `asyncio.timeout`)
-  disconnects its connection inside redis-py (`Connection.read_response`
-  disconnects on any error, cancellation included), so a reply that arrives
-  late is never read as the answer to the next command.
+The client (`proxy.redis_client`) does not connect until the first command,
+makes one attempt per call, and drops a connection that failed or was
+cancelled mid-command: a sick Redis or cluster node costs the lane's
+timeout and leaves nothing broken behind.
 
 Errors are raised to the lane, which turns them into misses and counters
 (redis-py's own TimeoutError as the builtin one, so the lane can tell it).
@@ -26,33 +22,40 @@ Errors are raised to the lane, which turns them into misses and counters
 from __future__ import annotations
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from proxy.cache import codec
 from proxy.cache.base import CachedAnswer
+from proxy.policy import RedisMode
+from proxy.redis_client import make_client
+from proxy.redis_names import redis_name
 
 
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, url: str, *, password: str | None, timeout: float, key_prefix: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None,
+        timeout: float,
+        key_prefix: str,
+        mode: RedisMode = "single",
+        max_connections: int | None = None,
+    ) -> None:
         self._prefix = key_prefix
-        # A password in the URL wins over `password` (redis-py's rule).
-        self._client = Redis.from_url(
-            url,
-            password=password,
-            decode_responses=False,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+        self._tagged = mode == "cluster"
+        self._client = make_client(
+            url, mode=mode, password=password, timeout=timeout, max_connections=max_connections
         )
+
+    def entry_name(self, key: str) -> str:
+        """Where `key`'s answer lives in Redis."""
+        return redis_name(self._prefix, key) if self._tagged else self._prefix + key
 
     async def get(self, key: str) -> CachedAnswer | codec.Corrupt | None:
         try:
-            record = await self._client.get(self._prefix + key)
+            record = await self._client.get(self.entry_name(key))
         except redis_errors.TimeoutError as exc:
             # The lane counts timeouts apart from other faults; it knows the builtin.
             raise TimeoutError("redis read timed out") from exc
@@ -64,11 +67,11 @@ class RedisBackend:
 
     async def set(self, key: str, answer: CachedAnswer, ttl: float) -> None:
         await self._client.set(
-            self._prefix + key, codec.encode(answer), px=max(1, round(ttl * 1000))
+            self.entry_name(key), codec.encode(answer), px=max(1, round(ttl * 1000))
         )
 
     async def delete(self, key: str) -> None:
-        await self._client.delete(self._prefix + key)
+        await self._client.delete(self.entry_name(key))
 
     async def close(self) -> None:
         await self._client.aclose()
