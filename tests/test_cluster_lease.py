@@ -188,10 +188,9 @@ def _policy(**cluster: Any) -> str:
 @pytest.mark.parametrize(
     ("cluster", "environ", "problem"),
     [
-        ({}, {}, "cluster.url: required unless cache.backend is redis"),
         ({"url": "redis://r/0", "password_env": "PW"}, {}, "cluster.password_env: environment"),
-        ({"url": "mysql://r/0"}, {}, "cluster.url: "),
-        ({"url": "redis://r/0", "lease": "1s", "timeout": "600ms"}, {}, "cluster.lease: must be"),
+        ({"url": "redis://r/3", "mode": "cluster"}, {}, "cluster.url: a Redis Cluster has only"),
+        ({"url": "redis://r/0", "lease": "1s", "timeout": "600ms"}, {}, "cluster.timeout: must be"),
     ],
 )
 def test_policy_problems_name_the_path(

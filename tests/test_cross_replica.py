@@ -26,6 +26,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from proxy.cluster import entries
+from proxy.cluster.names import FlightNames
 from proxy.keys import ANONYMOUS_TENANT, request_key
 from proxy.testing.fake_upstream import FakeSettings, FakeUpstream
 from tests.proxy_process import ProxyProcess, sample
@@ -98,7 +99,7 @@ async def cluster(shared: Cluster) -> AsyncIterator[Cluster]:
         fake.release.set()
         await all_idle(shared.procs)
         # Every lease released: no flight of this test outlives it.
-        assert [key async for key in shared.client.scan_iter(f"{PREFIX}*:lease")] == []
+        assert [key async for key in shared.client.scan_iter(f"{PREFIX}*:claim")] == []
 
 
 def _session() -> aiohttp.ClientSession:
@@ -116,7 +117,8 @@ def _names(prompt: str) -> tuple[str, str]:
         body,
         ("stream", "stream_options", "user"),
     )
-    return f"{PREFIX}{{{key}}}:lease", f"{PREFIX}{{{key}}}:log:"
+    names = FlightNames(PREFIX, key)
+    return names.lease, names.log("")
 
 
 def _stream_of(status: dict[str, Any], role: str) -> dict[str, Any] | None:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from redis.asyncio import Redis, RedisCluster
-
 from proxy.cluster.names import FlightNames
+from proxy.redis_client import RedisClient
 
 # KEYS[1] lease; ARGV[1] token, ARGV[2] lease ms. -> {1, token} | {0, holder}
 CLAIM = """
@@ -47,8 +46,6 @@ end
 return 0
 """
 
-Client = Redis | RedisCluster
-
 
 def new_token() -> str:
     """64 random bits: two live claims never share one."""
@@ -64,7 +61,7 @@ class Claim:
 class Leases:
     """The three lease scripts, registered once on one client."""
 
-    def __init__(self, client: Client, lease_ms: int, log_ttl_ms: int) -> None:
+    def __init__(self, client: RedisClient, lease_ms: int, log_ttl_ms: int) -> None:
         self.lease_ms = lease_ms
         self.log_ttl_ms = log_ttl_ms
         self._claim = client.register_script(CLAIM)

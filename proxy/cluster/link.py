@@ -25,15 +25,15 @@ from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from proxy.cache.breaker import BreakerState, CircuitBreaker, Permit
-from proxy.cluster.lease import Claim, Client, Leases
+from proxy.cluster.lease import Claim, Leases
 from proxy.cluster.names import FlightNames
-from proxy.policy import Policy, PolicyError
+from proxy.policy import Policy, PolicyError, RedisMode
+from proxy.redis_client import RedisClient, url_problem
 
 log = logging.getLogger("llm_sidecar.cluster")
 
@@ -98,36 +98,38 @@ class ClusterStats:
     breaker_opened: int
 
 
+def _redis_of(policy: Policy) -> tuple[str, str | None, RedisMode, str]:
+    """The Redis the cross-replica path uses: url, password variable, mode, and
+    the policy section naming them (its own `url`, else the cache's Redis)."""
+    config = policy.cluster
+    if config.url is not None:
+        return config.url, config.password_env, config.mode, "cluster"
+    cache = policy.cache
+    return cache.url, cache.password_env, cache.mode, "cache"
+
+
 def cluster_problems(policy: Policy, environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """What keeps the cross-replica path from being built: (path, reason) pairs."""
+    """What keeps the cross-replica path from being built: (path, reason) pairs.
+
+    The model already refuses a policy with no Redis to use; this checks what
+    only the environment or the client can tell.
+    """
     config = policy.cluster
     if not config.coalesce_across_replicas:
         return []
+    url, password_env, mode, section = _redis_of(policy)
     problems = []
-    if config.url is None and policy.cache.backend != "redis":
-        problems.append(
-            ("cluster.url", "required unless cache.backend is redis (whose url is the default)")
-        )
-    password_env, where = _password_env(policy)
     if password_env is not None and not environ.get(password_env):
-        problems.append((where, f"environment variable {password_env} is not set"))
-    try:
-        parse_url(config.url or policy.cache.url)
-    except ValueError as exc:  # redis-py's message names the schemes, never the credentials
-        problems.append(("cluster.url" if config.url else "cache.url", str(exc)))
+        problems.append(
+            (f"{section}.password_env", f"environment variable {password_env} is not set")
+        )
+    problem = url_problem(url, mode)
+    if problem is not None:
+        problems.append((f"{section}.url", problem))
     if config.lease < 2 * config.timeout:
-        # Renewals go every lease/3 and may take a timeout: they must land in time.
-        problems.append(("cluster.lease", "must be at least twice cluster.timeout"))
+        # Renewals go every lease/3 and may take a whole timeout: they must land in time.
+        problems.append(("cluster.timeout", "must be at most half of cluster.lease"))
     return problems
-
-
-def _password_env(policy: Policy) -> tuple[str | None, str]:
-    """The variable holding the password, and the policy path that names it: the
-    cluster's own, else the cache's when the cluster uses the cache's Redis."""
-    config = policy.cluster
-    if config.password_env is not None or config.url is not None:
-        return config.password_env, "cluster.password_env"
-    return policy.cache.password_env, "cache.password_env"
 
 
 def settings_of(policy: Policy, environ: Mapping[str, str], source: str) -> Settings | None:
@@ -138,11 +140,11 @@ def settings_of(policy: Policy, environ: Mapping[str, str], source: str) -> Sett
     problems = cluster_problems(policy, environ)
     if problems:
         raise PolicyError.of(source, problems)
-    password_env, _ = _password_env(policy)
+    url, password_env, mode, _ = _redis_of(policy)
     return Settings(
-        url=config.url if config.url is not None else policy.cache.url,
+        url=url,
         password=environ.get(password_env) if password_env else None,
-        cluster_mode=config.mode == "cluster",
+        cluster_mode=mode == "cluster",
         key_prefix=policy.cache.key_prefix,
         lease=config.lease,
         stream_ttl=config.stream_ttl,
@@ -161,7 +163,7 @@ def build_link(
     return None if settings is None else RedisLink(settings)
 
 
-def _client(settings: Settings) -> Client:
+def _client(settings: Settings) -> RedisClient:
     options: dict[str, Any] = {
         "max_connections": MAX_CONNECTIONS,
         "password": settings.password,
@@ -184,7 +186,7 @@ def _client(settings: Settings) -> Client:
 
 class RedisLink:
     # All fields are touched only from the event loop thread.
-    def __init__(self, settings: Settings, client: Client | None = None) -> None:
+    def __init__(self, settings: Settings, client: RedisClient | None = None) -> None:
         self.settings = settings
         self.client = client if client is not None else _client(settings)
         self.leases = Leases(self.client, settings.lease_ms, settings.stream_ttl_ms)

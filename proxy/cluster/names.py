@@ -2,13 +2,16 @@
 
 Lua scripts touch the lease and the log together, so both must live in one
 slot: the request key (already a hash, never a prompt or a credential) is
-the hash tag. The log's name also carries the owner's fencing token, so an
-owner that lost its lease can never name the stream of the owner after it.
+the hash tag (`proxy.redis_names`), as it is in the cache entry's name. The
+log's name also carries the owner's fencing token, so an owner that lost
+its lease can never name the stream of the owner after it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from proxy.redis_names import redis_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +21,7 @@ class FlightNames:
 
     @property
     def lease(self) -> str:
-        return f"{self.prefix}{{{self.key}}}:lease"
+        return redis_name(self.prefix, self.key, "claim")
 
     def log(self, token: str) -> str:
-        return f"{self.prefix}{{{self.key}}}:log:{token}"
+        return redis_name(self.prefix, self.key, "events", token)
