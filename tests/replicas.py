@@ -9,7 +9,8 @@ send requests and decode answers; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,44 @@ def idle(status: dict[str, Any]) -> bool:
 
 async def all_idle(procs: Iterable[ProxyProcess], timeout: float = 10.0) -> None:
     await asyncio.gather(*(proc.until_status(idle, timeout) for proc in procs))
+
+
+async def burst(
+    procs: Sequence[ProxyProcess], fake: FakeUpstream, tag: str, prompts: int, requests: int
+) -> None:
+    """`requests` callers over `prompts` prompts, round-robin over the replicas
+    (each prompt reaches every one), half streaming; the fake holds every
+    answer, head sent, until all of them are in. Asserts one upstream call per
+    prompt, one body per kind of reader, and one leader per prompt."""
+    fake.hold_after = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        plan = [(i % len(procs), (i // len(procs)) % prompts, i % 2 == 0) for i in range(requests)]
+        tasks = [
+            asyncio.create_task(ask(session, procs[r], chat(f"{tag} {p}", stream)))
+            for r, p, stream in plan
+        ]
+
+        async def gathered() -> bool:
+            return fake.in_flight == prompts and await readers(procs) == requests
+
+        async with asyncio.timeout(40):
+            await until(gathered, timeout=40)
+            fake.release.set()
+            answers: list[Answer] = await asyncio.gather(*tasks)
+    assert fake.total_calls == prompts
+    assert all(calls_for(fake, f"{tag} {p}") == 1 for p in range(prompts))
+    streamed: dict[int, set[bytes]] = defaultdict(set)
+    plain: dict[int, set[bytes]] = defaultdict(set)
+    leads: Counter[int] = Counter()
+    for (_, prompt, stream), (status, headers, body) in zip(plan, answers, strict=True):
+        assert status == 200, body
+        (streamed if stream else plain)[prompt].add(body)
+        leads[prompt] += headers["x-llm-sidecar"] == "lead"
+    for prompt in range(prompts):
+        # One body per kind of reader, whichever replica served it.
+        assert len(streamed[prompt]) == 1 and len(plain[prompt]) == 1
+        (events,) = streamed[prompt]
+        (whole,) = plain[prompt]
+        assert ends_whole(events)
+        assert streamed_text(events) == plain_text(whole) != ""
+        assert leads[prompt] == 1  # the owner's first caller; every other one follows

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from tests.replicas import (
     Answer,
     all_idle,
     ask,
+    burst,
     calls_for,
     chat,
     cluster_policy,
@@ -135,41 +136,8 @@ async def _timed(coro: Any) -> tuple[Answer, float]:
 
 
 async def test_burst_over_three_replicas_makes_one_call_per_prompt(cluster: Cluster) -> None:
-    fake, procs = cluster.fake, cluster.procs
-    prompts, requests = 30, 300
-    fake.hold_after = 0  # every answer waits, head sent, until all 300 callers are in
-    async with _session() as session:
-        # Round-robin over the replicas; each prompt reaches all three.
-        plan = [(i % 3, (i // 3) % prompts, i % 2 == 0) for i in range(requests)]
-        tasks = [
-            asyncio.create_task(ask(session, procs[r], chat(f"burst {p}", stream)))
-            for r, p, stream in plan
-        ]
-
-        async def gathered() -> bool:
-            return fake.in_flight == prompts and await readers(procs) == requests
-
-        async with asyncio.timeout(40):
-            await until(gathered, timeout=40)
-            fake.release.set()
-            answers: list[Answer] = await asyncio.gather(*tasks)
-    assert fake.total_calls == prompts
-    assert all(calls_for(fake, f"burst {p}") == 1 for p in range(prompts))
-    streamed: dict[int, set[bytes]] = defaultdict(set)
-    plain: dict[int, set[bytes]] = defaultdict(set)
-    leads: Counter[int] = Counter()
-    for (_, prompt, stream), (status, headers, body) in zip(plan, answers, strict=True):
-        assert status == 200, body
-        (streamed if stream else plain)[prompt].add(body)
-        leads[prompt] += headers["x-llm-sidecar"] == "lead"
-    for prompt in range(prompts):
-        # One body per kind of reader, whichever replica served it.
-        assert len(streamed[prompt]) == 1 and len(plain[prompt]) == 1
-        (events,) = streamed[prompt]
-        (whole,) = plain[prompt]
-        assert ends_whole(events)
-        assert streamed_text(events) == plain_text(whole) != ""
-        assert leads[prompt] == 1  # the owner's first caller; every other one follows
+    # 300 requests over 30 prompts: exactly 30 upstream calls.
+    await burst(cluster.procs, cluster.fake, "burst", prompts=30, requests=300)
 
 
 async def test_late_joiner_on_another_replica_gets_the_whole_answer(cluster: Cluster) -> None:

@@ -225,10 +225,12 @@ class RedisLink:
         a fault is counted, fed to the breaker and raised as LinkFault."""
         try:
             async with asyncio.timeout(self.settings.timeout if bound is None else bound):
+                await self._ready()
                 result = await make()
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             self.faults[op] += 1
             self.breaker.record("call", False)
+            log.debug("cross-replica Redis %s failed (%s)", op, type(exc).__name__)
             raise LinkFault(op) from exc
         self.breaker.record("call", True)
         return result
@@ -241,8 +243,10 @@ class RedisLink:
             return None
         try:
             async with asyncio.timeout(self.settings.timeout):
+                await self._ready()
                 claim = await self.leases.claim(names)
-        except (redis_errors.RedisError, OSError, TimeoutError):
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            log.debug("cross-replica Redis claim failed (%s)", type(exc).__name__)
             self.claims["fault"] += 1
             self.faults["claim"] += 1
             self.breaker.record(permit, False)
@@ -253,6 +257,17 @@ class RedisLink:
         self.breaker.record(permit, True)
         self.claims["won" if claim.won else "lost"] += 1
         return claim
+
+    async def _ready(self) -> None:
+        """A cluster client learns the slot map before its first command.
+
+        redis-py's cluster client does that by itself on first use, but a
+        blocking read started while another command's first use rebuilds the
+        node table has its connection closed under it: every caller asks
+        first, behind the client's own lock (a no-op once it has the map).
+        """
+        if isinstance(self.client, RedisCluster):
+            await self.client.initialize()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a log writer as a task this link owns."""
