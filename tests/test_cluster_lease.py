@@ -23,6 +23,7 @@ from proxy.cluster.link import RedisLink, Settings, cluster_problems
 from proxy.cluster.log import LogWriter
 from proxy.errors import QueueFull, UpstreamBroken
 from proxy.policy import PolicyError, parse_policy
+from proxy.reload import apply_policy
 from proxy.stream import Head, LogEvent
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import StartProxy, post, wait_idle
@@ -239,3 +240,28 @@ async def test_the_example_policy_coalesces_across_two_replicas(
     assert fake.total_calls == 1
     await wait_idle(left.runtime)
     await wait_idle(right.runtime)
+
+
+async def test_a_reload_turns_it_on_and_off_and_keeps_an_unchanged_link(
+    start_proxy: StartProxy, fake: FakeUpstream, redis_server: RedisServer
+) -> None:
+    proxy = await start_proxy()
+    rt = proxy.runtime
+    base = rt.snapshot.loaded.policy.model_dump(mode="json", exclude_unset=True)
+
+    def loaded(**cluster: Any) -> Any:
+        return parse_policy(yaml.safe_dump({**base, "cluster": cluster}), "reloaded.yaml")
+
+    on = {"coalesce_across_replicas": True, "url": redis_server.url}
+    apply_policy(rt, loaded(**on))
+    link = rt.cluster
+    assert link is not None and link.settings.url == redis_server.url
+    apply_policy(rt, loaded(**on, stream_ttl="1m"))  # changed: a new link, the old one retires
+    assert rt.cluster is not None and rt.cluster is not link
+    link = rt.cluster
+    apply_policy(rt, loaded(**on, stream_ttl="1m"))
+    assert rt.cluster is link  # unchanged: flights keep their link
+    apply_policy(rt, loaded())
+    assert rt.cluster is None
+    async with asyncio.timeout(5):
+        await asyncio.gather(*rt.retiring)
