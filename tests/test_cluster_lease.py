@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from proxy.cluster import entries
 from proxy.cluster.link import RedisLink, Settings, cluster_problems
-from proxy.cluster.log import LogWriter
+from proxy.cluster.log import APPEND, LogWriter
 from proxy.errors import QueueFull, UpstreamBroken
 from proxy.policy import PolicyError, parse_policy
 from proxy.reload import apply_policy
@@ -265,3 +265,29 @@ async def test_a_reload_turns_it_on_and_off_and_keeps_an_unchanged_link(
     assert rt.cluster is None
     async with asyncio.timeout(5):
         await asyncio.gather(*rt.retiring)
+
+
+async def test_an_append_tried_again_after_a_lost_reply_writes_each_entry_once(
+    links: tuple[RedisLink, RedisLink, Redis],
+) -> None:
+    one, _, client = links
+    names = one.names("retried")
+    claim = await one.claim(names)
+    assert claim is not None and claim.token is not None
+    append = one.script(APPEND)
+    keys = [names.lease, names.log(claim.token)]
+    first = [
+        *entries.head(Head(200, CIMultiDict(), is_sse=True)),
+        *entries.events([b"data: 1\n\n"]),
+    ]
+    assert await append(keys=keys, args=[claim.token, 30_000, 0, *first]) == 1
+    # The reply was lost: the writer sends the batch again, with what followed.
+    more = [*first, *entries.events([b"data: 2\n\n"])]
+    assert await append(keys=keys, args=[claim.token, 30_000, 0, *more]) == 1
+    assert await append(keys=keys, args=[claim.token, 30_000, 0, *more]) == 1
+    recorded: Any = await client.xrange(names.log(claim.token))
+    kinds = [next(iter(fields)) for _, fields in recorded]
+    assert kinds == [entries.HEAD, entries.EVENTS, entries.EVENTS]
+    # A writer whose count does not match the log is refused.
+    assert await append(keys=keys, args=[claim.token, 30_000, 5, *first]) == -1
+    assert await client.xlen(names.log(claim.token)) == 3

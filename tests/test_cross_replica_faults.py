@@ -10,6 +10,7 @@ the proxy never sends Redis a single command.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -32,6 +33,7 @@ from tests.replicas import (
     plain_text,
     readers,
     replicas,
+    streamed_text,
     until,
 )
 
@@ -96,6 +98,46 @@ async def _gathered(procs: list[ProxyProcess], fake: FakeUpstream, want: int) ->
     # Held answers: the first call; one per new prompt per replica (4 x 3); the
     # cut prompt again on the two replicas whose stream of it was cut.
     return fake.in_flight == 1 + 4 * 3 + 2 and await readers(procs) == want
+
+
+async def test_a_redis_stall_shorter_than_the_lease_costs_no_reader_anything(
+    tmp_path: Path, fake: FakeUpstream, redis_server: RedisServer
+) -> None:
+    fake.settings = replace(fake.settings, tokens=30, token_delay=0.02)
+    fake.hold_after = 5
+    prompt = "redis stalls"
+    policy = cluster_policy(fake, redis_server.url, lease="3s", timeout="300ms")
+    async with replicas(tmp_path, policy, 2) as (owner, remote), _session() as session:
+        first = asyncio.create_task(ask(session, owner, chat(prompt, True)))
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+        others = [
+            asyncio.create_task(ask(session, remote, chat(prompt, stream)))
+            for stream in (True, False)
+        ]
+        await remote.until_status(
+            lambda s: any(m["role"] == "mirror" and m["events"] == 5 for m in s["streams"])
+        )
+        # Redis answers nothing for a second while the rest of the answer
+        # arrives: appends and reads time out, and are tried again.
+        redis_server.pause()
+        try:
+            fake.release.set()
+            await asyncio.sleep(1.0)  # the stall itself, not a wait for anything
+        finally:
+            redis_server.resume()
+        async with asyncio.timeout(10):
+            (_, _, owned), (_, _, mirrored), (status, _, whole) = await asyncio.gather(
+                first, *others
+            )
+        await all_idle([owner, remote])
+        samples = [await proc.metrics() for proc in (owner, remote)]
+    assert ends_whole(owned) and mirrored == owned
+    assert status == 200 and plain_text(whole) == streamed_text(owned)
+    assert calls_for(fake, prompt) == 1
+    assert sample(samples[0], "llm_sidecar_cluster_redis_faults_total", op="append") >= 1
+    assert sample(samples[1], "llm_sidecar_cluster_redis_faults_total", op="read") >= 1
+    assert sample(samples[1], "llm_sidecar_cluster_mirror_ends_total", how="complete") == 1
 
 
 async def test_redis_down_from_the_start_fails_nothing(

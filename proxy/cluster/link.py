@@ -42,6 +42,9 @@ T = TypeVar("T")
 # Connections per Redis node. A mirror holds one while it waits for news, so
 # this bounds the keys one replica mirrors at full speed at once.
 MAX_CONNECTIONS = 1024
+# Between two tries of a call Redis did not answer (a flight already under way
+# tries again, within its lease, rather than failing its readers).
+RETRY_PAUSE = 0.05
 # How long a closing link lets its writers flush their last entries.
 CLOSE_GRACE = 1.0
 # Claim outcomes, Redis operations and mirror ends, as counted and labelled.

@@ -30,18 +30,26 @@ import contextlib
 from collections.abc import Awaitable, Sequence
 
 from proxy.cluster import entries
-from proxy.cluster.link import LinkFault, RedisLink
+from proxy.cluster.link import RETRY_PAUSE, LinkFault, RedisLink
 from proxy.cluster.names import FlightNames
 from proxy.errors import ProxyError, UpstreamBroken
 from proxy.stream import Head, LogEvent
 
-# KEYS[1] lease, KEYS[2] log; ARGV[1] token, ARGV[2] log ttl ms, then
-# (kind, payload) pairs, one XADD each. 0: fenced, nothing was written.
+# KEYS[1] lease, KEYS[2] log; ARGV[1] token, ARGV[2] log ttl ms, ARGV[3] the
+# entries this writer had written before this batch, then (kind, payload)
+# pairs, one XADD each. A retried batch whose first try landed (its reply
+# lost to a timeout) is not written twice: the entries already in the log
+# are skipped. 1: written; 0: fenced, nothing written; -1: the log is not
+# what this writer wrote.
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-for i = 3, #ARGV, 2 do
+local done = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[3])
+if done < 0 or done > (#ARGV - 3) / 2 then
+  return -1
+end
+for i = 4 + 2 * done, #ARGV, 2 do
   redis.call('XADD', KEYS[2], '*', ARGV[i], ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -57,7 +65,10 @@ class LogWriter:
         self._names = names
         self._token = token
         self._script = link.script(APPEND)
-        self._pending: list[bytes | str] = []  # kind, payload, kind, payload, ...
+        # kind, payload, kind, payload, ...: dropped from the front once Redis
+        # has them, so a call that timed out is tried again with what followed.
+        self._pending: list[bytes] = []
+        self._written = 0  # entries Redis acknowledged
         self._wake = asyncio.Event()
         self._bytes = 0
         self._last_queued = False  # the entry that ends the log is queued
@@ -97,35 +108,44 @@ class LogWriter:
     # -- the task ------------------------------------------------------------
 
     async def run(self, pump: asyncio.Task[None]) -> None:
-        """Send every entry, renewing meanwhile; release once `pump` is done."""
+        """Send every entry, renewing meanwhile; release once `pump` is done.
+
+        A call Redis does not answer is tried again (the log and the lease
+        are where they were) until nothing has been answered for a whole
+        lease: by then the lease has lapsed and readers elsewhere ended.
+        """
         loop = asyncio.get_running_loop()
-        every = self._link.settings.lease / 3
-        renew_at = loop.time() + every
-        try:
-            while self._pending or not self._last_queued:
-                if not self._pending:
-                    await self._sleep(self._wake.wait(), renew_at - loop.time())
-                self._wake.clear()
+        lease = self._link.settings.lease
+        renew_at = answered_at = loop.time()
+        renew_at += lease / 3
+        while True:
+            try:
                 if self._pending and not await self._flush():
                     return
                 if loop.time() >= renew_at:
                     if not await self._renew():
                         return
-                    renew_at = loop.time() + every
-            # Recorded whole. Keep the lease while the pump writes the cache.
-            while not self._cut and not pump.done():
+                    renew_at = loop.time() + lease / 3
+            except LinkFault:
+                if loop.time() - answered_at >= lease:
+                    # Readers here go on as usual; elsewhere they saw the lease go.
+                    self._stopped = True
+                    self._pending.clear()
+                    self._link.fallbacks += 1
+                    break
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            answered_at = loop.time()
+            if self._last_queued and not self._pending:
+                # Recorded whole. Keep the lease while the pump writes the cache.
+                if self._cut or pump.done():
+                    break
                 await self._sleep(asyncio.wait((pump,)), renew_at - loop.time())
-                if loop.time() >= renew_at:
-                    if not await self._renew():
-                        return
-                    renew_at = loop.time() + every
-            await self._release()
-        except LinkFault:
-            # Readers here go on as usual; elsewhere they see the lease go.
-            self._stopped = True
-            self._pending.clear()
-            self._link.fallbacks += 1
-            await self._release()
+                continue
+            self._wake.clear()
+            if not self._pending:
+                await self._sleep(self._wake.wait(), renew_at - loop.time())
+        await self._release()
 
     async def _sleep(self, waiting: Awaitable[object], seconds: float) -> None:
         """Until `waiting` is done or `seconds` have passed (the next renewal)."""
@@ -135,17 +155,19 @@ class LogWriter:
 
     async def _flush(self) -> bool:
         """Send what is queued; False when fenced."""
-        batch, self._pending = self._pending, []
+        batch = list(self._pending)
         settings = self._link.settings
         ttl = settings.stream_ttl_ms
         if not self._last_queued:  # still running: the renewals' horizon
             ttl += settings.lease_ms
         keys = [self._names.lease, self._names.log(self._token)]
-        args = [self._token, ttl, *batch]
+        args: list[bytes | str | int] = [self._token, ttl, self._written, *batch]
         written = await self._link.call("append", lambda: self._script(keys=keys, args=args))
-        if not written:
+        if written != 1:
             self._fence()
             return False
+        del self._pending[: len(batch)]
+        self._written += len(batch) // 2
         return True
 
     async def _renew(self) -> bool:

@@ -20,17 +20,20 @@ is all the log will ever hold. If it holds no end:
   already did (`Handoff`).
 
 A Redis fault before the head falls back to the single-process path
-(`Fault`): the callers still get an answer. After the head it ends the
-local readers as a broken stream: they are the readers of the cut stream.
+(`Fault`): the callers still get an answer. After the head the mirror
+reads on from its last entry once Redis answers again; only a Redis silent
+for a whole lease ends the local readers as a broken stream: they are the
+readers of the cut stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.cluster.entries import EntryError, decode
-from proxy.cluster.link import LinkFault, RedisLink
+from proxy.cluster.link import RETRY_PAUSE, LinkFault, RedisLink
 from proxy.cluster.names import FlightNames
 from proxy.cluster.replay import Replay
 from proxy.endpoint import Endpoint
@@ -87,31 +90,45 @@ class Mirror:
         """Mirror the log of the owner holding `token` until the local stream ends."""
         log_key = self._names.log(token)
         last = b"0-0"
-        try:
-            while True:
+        loop = asyncio.get_running_loop()
+        answered_at = loop.time()
+        while True:
+            try:
                 batch = await self._read(log_key, last)
                 holder: str | None = token
                 if not batch:  # quiet for a whole block: is the owner still there?
                     holder, batch = await self._poll_lease(log_key, last)
+            except LinkFault:
+                if self._replay.head is None:
+                    return Fault()
+                # The log stays where it is: read on from `last` once Redis
+                # answers again, unless it stays silent for a whole lease.
+                if loop.time() - answered_at < self._link.settings.lease:
+                    await asyncio.sleep(RETRY_PAUSE)
+                    continue
+                return self._cut()
+            answered_at = loop.time()
+            try:
                 for entry_id, fields in batch:
                     last = entry_id
                     if self._replay.apply(decode(fields)):
                         return Ended("complete" if self._stream.complete else "failed")
-                if holder == token:
-                    continue
-                if self._replay.head is None:
-                    return Lapsed() if holder is None else Handoff(holder)
-                self._stream.fail(
-                    UpstreamBroken(
-                        "llm-sidecar: the replica streaming this answer stopped (its lease lapsed)"
-                    )
-                )
-                return Ended("lapsed")
-        except (LinkFault, EntryError):
+            except EntryError:
+                return Fault() if self._replay.head is None else self._cut()
+            if holder == token:
+                continue
             if self._replay.head is None:
-                return Fault()
-            self._stream.fail(UpstreamBroken("llm-sidecar: the shared stream was cut (Redis)"))
-            return Ended("cut")
+                return Lapsed() if holder is None else Handoff(holder)
+            self._stream.fail(
+                UpstreamBroken(
+                    "llm-sidecar: the replica streaming this answer stopped (its lease lapsed)"
+                )
+            )
+            return Ended("lapsed")
+
+    def _cut(self) -> Ended:
+        self._stream.fail(UpstreamBroken("llm-sidecar: the shared stream was cut (Redis)"))
+        return Ended("cut")
 
     async def _read(self, log_key: str, last: bytes) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The entries after `last`, waiting up to one block for the first."""
