@@ -15,6 +15,9 @@ entry is one field, named by its kind:
 
 A plain answer is `h` (with its body) then `d`; a streamed one is `h`, `e`
 per read, then `d` or `f`. The codec neither parses events nor knows Redis.
+A head is recorded without `Set-Cookie`: a cookie the upstream set for the
+owner's connection is neither kept in Redis nor handed to other replicas'
+callers.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def failed(error: ProxyError | Head) -> tuple[bytes, bytes]:
 def _head_bytes(value: Head) -> bytes:
     meta = {
         "status": value.status,
-        "headers": list(value.headers.items()),
+        "headers": [(k, v) for k, v in value.headers.items() if k.lower() != "set-cookie"],
         "sse": value.is_sse,
         "body": value.body is not None,
     }
