@@ -49,6 +49,7 @@ async def status_endpoint(request: web.Request) -> web.Response:
             "bytes": stream.size,
             "age_s": round(now - stream.created_at, 3),
             "role": stream.role,
+            "mirrors": stream.mirrors,
         }
         for stream in rt.table
     ]

@@ -121,6 +121,7 @@ class Stream:
     created_at: float = 0.0
     first_event_at: float | None = None  # perf_counter at the first append, for TTFB
     role: Role = "local"  # set by the cross-replica flight before the head
+    mirrors: int = 0  # an owned stream: replicas mirroring it, as of the lease's last renewal
     sink: StreamSink | None = None  # set once, before the producer's first step
     _push: set[PushReader] = field(default_factory=set)
 

@@ -82,10 +82,13 @@ async def test_renew_and_release_act_only_for_the_token_holder(
     claim = await one.claim(names)
     assert claim is not None and claim.won and claim.token is not None
     stranger = "0123456789abcdef"
-    assert not await two.leases.renew(names, stranger)
+    assert await two.leases.renew(names, stranger) is None
     assert not await two.leases.release(names, stranger)
     assert await client.get(names.lease) == claim.token.encode()
-    assert await one.leases.renew(names, claim.token)
+    assert await one.leases.renew(names, claim.token) == 0  # no replica mirrors it
+    lost = await two.claim(names)
+    assert lost is not None and not lost.won
+    assert await one.leases.renew(names, claim.token) == 1  # one does now
     assert 900 < await client.pttl(names.lease) <= 1000
     assert await one.leases.release(names, claim.token)
     assert not await client.exists(names.lease)

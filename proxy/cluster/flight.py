@@ -119,7 +119,7 @@ async def _own(
     # Readers on other replicas are invisible here: the last local reader
     # leaving must not cancel the call they may still be reading.
     stream.cancel_on_abandon = False
-    writer = LogWriter(link, names, token)
+    writer = LogWriter(link, names, token, stream)
     stream.sink = writer
     assert stream.pump is not None
     link.spawn(writer.run(stream.pump))

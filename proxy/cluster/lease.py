@@ -18,24 +18,31 @@ from dataclasses import dataclass
 from proxy.cluster.names import FlightNames
 from proxy.redis_client import RedisClient
 
-# KEYS[1] lease; ARGV[1] token, ARGV[2] lease ms. -> {1, token} | {0, holder}
+# KEYS[1] lease, KEYS[2] mirrors; ARGV[1] token, ARGV[2] lease ms.
+# -> {1, token} | {0, holder}. `mirrors` counts the replicas that lost the
+# claim to the current holder (they mirror its log), for the owner's view.
 CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('DEL', KEYS[2])
   return {1, ARGV[1]}
 end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return {0, redis.call('GET', KEYS[1])}
 """
 
-# KEYS[1] lease, KEYS[2] log; ARGV[1] token, ARGV[2] lease ms, ARGV[3] log ttl ms.
-# The log lives as long as the lease does (plus its TTL): a slow first token
-# never lets the head expire under the readers.
+# KEYS[1] lease, KEYS[2] log, KEYS[3] mirrors; ARGV[1] token, ARGV[2] lease
+# ms, ARGV[3] log ttl ms. The log lives as long as the lease does (plus its
+# TTL): a slow first token never lets the head expire under the readers.
+# -> -1: not ours; else how many replicas mirror the log.
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
+  return -1
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return tonumber(redis.call('GET', KEYS[3]) or '0')
 """
 
 # KEYS[1] lease; ARGV[1] token. Compare-and-delete.
@@ -70,16 +77,20 @@ class Leases:
 
     async def claim(self, names: FlightNames) -> Claim:
         token = new_token()
-        won, holder = await self._claim(keys=[names.lease], args=[token, self.lease_ms])
+        keys = [names.lease, names.mirrors]
+        won, holder = await self._claim(keys=keys, args=[token, self.lease_ms])
         if won:
             return Claim(True, token)
         return Claim(False, None if holder is None else _text(holder))
 
-    async def renew(self, names: FlightNames, token: str) -> bool:
-        """False: the lease is no longer ours (it lapsed, maybe another claimed it)."""
+    async def renew(self, names: FlightNames, token: str) -> int | None:
+        """How many replicas mirror the log; None: the lease is no longer ours
+        (it lapsed, maybe another replica claimed it)."""
         ttl = self.lease_ms + self.log_ttl_ms
         args: list[str | int] = [token, self.lease_ms, ttl]
-        return bool(await self._renew(keys=[names.lease, names.log(token)], args=args))
+        keys = [names.lease, names.log(token), names.mirrors]
+        mirrors = int(await self._renew(keys=keys, args=args))
+        return None if mirrors < 0 else mirrors
 
     async def release(self, names: FlightNames, token: str) -> bool:
         return bool(await self._release(keys=[names.lease], args=[token]))

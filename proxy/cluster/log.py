@@ -33,7 +33,7 @@ from proxy.cluster import entries
 from proxy.cluster.link import RETRY_PAUSE, LinkFault, RedisLink
 from proxy.cluster.names import FlightNames
 from proxy.errors import ProxyError, UpstreamBroken
-from proxy.stream import Head, LogEvent
+from proxy.stream import Head, LogEvent, Stream
 
 # KEYS[1] lease, KEYS[2] log; ARGV[1] token, ARGV[2] log ttl ms, ARGV[3] the
 # entries this writer had written before this batch, then (kind, payload)
@@ -60,8 +60,11 @@ return 1
 class LogWriter:
     # The sink methods run in the pump's steps and `run` in its own task,
     # both on the loop thread; `_pending` is handed over whole, never shared.
-    def __init__(self, link: RedisLink, names: FlightNames, token: str) -> None:
+    def __init__(
+        self, link: RedisLink, names: FlightNames, token: str, stream: Stream | None = None
+    ) -> None:
         self._link = link
+        self._stream = stream  # told how many replicas mirror it, at each renewal
         self._names = names
         self._token = token
         self._script = link.script(APPEND)
@@ -172,10 +175,13 @@ class LogWriter:
 
     async def _renew(self) -> bool:
         names, token = self._names, self._token
-        renewed = await self._link.call("renew", lambda: self._link.leases.renew(names, token))
-        if not renewed:
+        mirrors = await self._link.call("renew", lambda: self._link.leases.renew(names, token))
+        if mirrors is None:
             self._fence()
-        return bool(renewed)
+            return False
+        if self._stream is not None:
+            self._stream.mirrors = mirrors
+        return True
 
     def _fence(self) -> None:
         self._stopped = True

@@ -23,5 +23,9 @@ class FlightNames:
     def lease(self) -> str:
         return redis_name(self.prefix, self.key, "claim")
 
+    @property
+    def mirrors(self) -> str:
+        return redis_name(self.prefix, self.key, "mirrors")
+
     def log(self, token: str) -> str:
         return redis_name(self.prefix, self.key, "events", token)

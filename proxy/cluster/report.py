@@ -1,10 +1,10 @@
 """Cross-replica coalescing in `/status` and `/metrics`, read at request or scrape time.
 
-Levels come from the in-flight table (streams by role, readers following
-another replica's call); counters from the link (claim outcomes, Redis
-faults by operation, fall-backs, fenced owners, how mirrors ended). Nothing
-here touches Redis. With the feature off, `/status` shows `null` and
-`/metrics` no `llm_sidecar_cluster_*` series.
+Levels come from the in-flight table (streams by role, owned streams other
+replicas mirror, readers following another replica's call); counters from
+the link (claim outcomes, Redis faults by operation, fall-backs, fenced
+owners, how mirrors ended). Nothing here touches Redis. With the feature
+off, `/status` shows `null` and `/metrics` no `llm_sidecar_cluster_*` series.
 """
 
 from __future__ import annotations
@@ -21,24 +21,28 @@ ROLES = ("owner", "mirror", "local")
 _STATES = ("closed", "open", "half_open")
 
 
-def _levels(rt: Runtime) -> tuple[dict[str, int], int]:
-    """Published streams by role, and the readers of mirrored ones."""
+def _levels(rt: Runtime) -> tuple[dict[str, int], int, int]:
+    """Published streams by role, owned streams other replicas mirror, and
+    the readers of mirrored streams."""
     streams = dict.fromkeys(ROLES, 0)
-    remote_readers = 0
+    followed = remote_readers = 0
     for stream in rt.table:
         streams[stream.role] += 1
         if stream.role == "mirror":
             remote_readers += stream.readers
-    return streams, remote_readers
+        elif stream.role == "owner" and stream.mirrors:
+            followed += 1
+    return streams, followed, remote_readers
 
 
 def status_of(rt: Runtime) -> dict[str, Any] | None:
     link = rt.cluster
     if link is None:
         return None
-    streams, remote_readers = _levels(rt)
+    streams, followed, remote_readers = _levels(rt)
     return {
         "owned": streams["owner"],
+        "remote_followed": followed,
         "mirrored": streams["mirror"],
         "remote_followers": remote_readers,
         "lease_s": link.settings.lease,
@@ -50,7 +54,7 @@ def metrics_of(rt: Runtime) -> Iterator[Metric]:
     link = rt.cluster
     if link is None:
         return
-    streams, remote_readers = _levels(rt)
+    streams, followed, remote_readers = _levels(rt)
     by_role = GaugeMetricFamily(
         "llm_sidecar_cluster_streams",
         "Published streams by role: owner (this replica's call, shared through Redis),"
@@ -60,6 +64,11 @@ def metrics_of(rt: Runtime) -> Iterator[Metric]:
     for role in ROLES:
         by_role.add_metric([role], streams[role])
     yield by_role
+    yield GaugeMetricFamily(
+        "llm_sidecar_cluster_remote_followed",
+        "Owned streams that other replicas mirror (as of each lease's last renewal).",
+        value=followed,
+    )
     yield GaugeMetricFamily(
         "llm_sidecar_cluster_remote_followers",
         "Callers reading a mirrored stream (another replica's upstream call) now.",
