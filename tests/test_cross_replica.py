@@ -249,6 +249,8 @@ async def test_owner_killed_mid_stream_ends_remote_readers_within_the_lease(
         owner.signal(signal.SIGKILL)
         async with asyncio.timeout(VICTIM_LEASE + 5):
             ended = await asyncio.gather(*followers)
+    delays = [round(at - killed_at, 3) for _, at in ended]
+    print(f"\nremote readers ended {delays} s after the kill")
     for (status, _, body), at in ended:
         assert at - killed_at <= VICTIM_LEASE + 1.0
         assert status in (200, 502), body

@@ -7,9 +7,11 @@ its callers follow it. The mirror reads the log from its first entry
 (`XREAD` from 0), then blocks for new ones; each entry is applied to the
 local stream (`proxy.cluster.replay`).
 
-No wait is unbounded: a read blocks for at most `Settings.block`; when it
+No wait is unbounded: a read blocks for at most `Settings.block`, and no
+longer than until the owner's lease would end unless renewed; when it
 comes back empty the mirror looks at the lease and the log's tail in one
-atomic step (`POLL`). An owner can only write while it holds the lease, so
+atomic step (`POLL`), so an owner that died is noticed just after its lease
+ends. An owner can only write while it holds the lease, so
 once the lease is seen gone or another's, the tail read in that same step
 is all the log will ever hold. If it holds no end:
 
@@ -41,11 +43,14 @@ from proxy.errors import UpstreamBroken
 from proxy.stream import Stream
 
 # KEYS[1] lease, KEYS[2] log; ARGV[1] first entry id to read, ARGV[2] count.
-# -> {holder or nil, entries from ARGV[1] on}
+# -> {holder or nil, the lease's ms to live, entries from ARGV[1] on}
 POLL = """
 local holder = redis.call('GET', KEYS[1])
-return {holder, redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+local ttl = redis.call('PTTL', KEYS[1])
+return {holder, ttl, redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
 """
+# Past the lease's end, before looking again: Redis expires a key on access.
+LAPSE_MARGIN = 0.02
 COUNT = 1024  # entries per read
 
 
@@ -85,6 +90,7 @@ class Mirror:
         self._names = names
         self._replay = Replay(stream, endpoint)
         self._poll = link.script(POLL)
+        self._lapses_at: float | None = None  # loop time the lease ends unless renewed
 
     async def follow(self, token: str) -> MirrorEnd:
         """Mirror the log of the owner holding `token` until the local stream ends."""
@@ -134,11 +140,15 @@ class Mirror:
         """The entries after `last`, waiting up to one block for the first."""
         link = self._link
         settings = link.settings
-        block_ms = max(1, round(settings.block * 1000))
+        block = settings.block
+        if self._lapses_at is not None:
+            until_lapse = self._lapses_at + LAPSE_MARGIN - asyncio.get_running_loop().time()
+            block = min(block, max(until_lapse, 0.001))
+        block_ms = max(1, round(block * 1000))
         reply = await link.call(
             "read",
             lambda: link.client.xread({log_key: last}, count=COUNT, block=block_ms),
-            bound=settings.block + settings.timeout,
+            bound=block + settings.timeout,
         )
         return _entries_of(reply)
 
@@ -148,8 +158,10 @@ class Mirror:
         """The lease's holder, and the entries after `last`, in one atomic step."""
         keys = [self._names.lease, log_key]
         args: list[str | int] = [_after(last), COUNT]
-        found, tail = await self._link.call("read", lambda: self._poll(keys=keys, args=args))
+        found, ttl, tail = await self._link.call("read", lambda: self._poll(keys=keys, args=args))
         holder = None if found is None else _text(found)
+        lapses_in = int(ttl) / 1000 if int(ttl) >= 0 else 0.0
+        self._lapses_at = asyncio.get_running_loop().time() + lapses_in
         return holder, [(entry_id, _pairs(fields)) for entry_id, fields in tail]
 
 
