@@ -65,6 +65,9 @@ async def _main(ctx: Context, names: list[str], argv: list[str]) -> int:
         print(f"bench: {name} done in {time.monotonic() - began:.0f} s", flush=True)
         for line in section.headline:
             print(f"  {line}", flush=True)
+        for target in section.targets:
+            verdict = {True: "met", False: "MISSED", None: "not measured"}[target.met]
+            print(f"  target {verdict}: {target.goal} ({target.value})", flush=True)
     path = report.write(ctx, env, sections, failures, time.monotonic() - started, argv)
     print(f"bench: wrote {path}", flush=True)
     return 1 if failures else 0

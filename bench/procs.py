@@ -118,6 +118,15 @@ class Server:
 
 
 def cpu_seconds(pid: int) -> float:
+    """On-CPU time of every thread of `pid`, to the nanosecond where the kernel says
+    (schedstat), else in clock ticks (10 ms: too coarse for a few thousand requests)."""
+    try:
+        total = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:

@@ -1,8 +1,8 @@
 """Profile llm-sidecar (or the bare relay) under scenario 1's load with py-spy.
 
 Usage: python -m bench.profile [--seconds 10] [--connections 16] [--hop llm-sidecar|bare-relay]
-[--cache-hits | --stream] [--redis]. py-spy comes from /tmp/bench-tools-venv (pip install py-spy
-there; never into the project). It samples the hop without pausing it
+[--cache-hits | --stream] [--redis] [--shipped]. py-spy comes from /tmp/bench-tools-venv
+(pip install py-spy there; never into the project). It samples the hop without pausing it
 (--nonblocking) while wrk drives `distinct.lua` (every request a miss) or,
 with --cache-hits, `fixed.lua`. The collapsed stacks are kept in
 bench/results/raw/ and summarised: the functions with the most samples on
@@ -22,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from bench.procs import choose_placement, kill_all, raise_nofile
-from bench.servers import TOOLS_VENV, Lab, sidecar_policy
+from bench.servers import TOOLS_VENV, Lab, shipped_policy, sidecar_policy
 from bench.sse_client import chat_body, post_json, session
 from bench.wrk import run_wrk
 
@@ -80,6 +80,8 @@ async def _main(args: argparse.Namespace) -> int:
             hop = await lab.sidecar(
                 sidecar_policy(fake.port, backend="redis", redis_port=redis.port)
             )
+        elif args.shipped:
+            hop = await lab.sidecar(shipped_policy(fake.port))
         else:
             hop = await lab.sidecar(sidecar_policy(fake.port))
         nonce = secrets.token_hex(4)
@@ -92,7 +94,8 @@ async def _main(args: argparse.Namespace) -> int:
                 headers = {"Content-Type": "application/json"}
                 await post_json(client, f"{hop.url}/v1/chat/completions", body, headers)
         kind = "-hits" if args.cache_hits else "-stream" if args.stream else ""
-        label = f"{args.hop}{'-redis' if args.redis else ''}{kind}-c{args.connections}"
+        policy = "-redis" if args.redis else "-shipped" if args.shipped else ""
+        label = f"{args.hop}{policy}{kind}-c{args.connections}"
         out = RAW / f"profile-{label}.txt"
         argv = [str(PY_SPY), "record", "--nonblocking", "--rate", "250", "--format", "raw"]
         argv += ["--duration", str(args.seconds), "--pid", str(hop.pid), "--output", str(out)]
@@ -101,6 +104,7 @@ async def _main(args: argparse.Namespace) -> int:
         )
         try:
             await asyncio.sleep(0.5)
+            cpu_before = hop.cpu_seconds()
             script = "fixed.lua" if args.cache_hits else "distinct.lua"
             result = await run_wrk(
                 hop.url,
@@ -115,7 +119,11 @@ async def _main(args: argparse.Namespace) -> int:
             if spy.returncode is None:
                 spy.kill()
                 await spy.wait()
-        print(f"{label}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.3f} ms under py-spy")
+        cpu_us = (hop.cpu_seconds() - cpu_before) / max(result.requests, 1) * 1e6
+        print(
+            f"{label}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.3f} ms, "
+            f"{cpu_us:.0f} CPU-µs/request under py-spy"
+        )
         if not out.exists():
             print(f"py-spy wrote nothing: {err.decode(errors='replace')[-1000:]}")
             return 1
@@ -133,6 +141,9 @@ def main() -> int:
     parser.add_argument("--cache-hits", action="store_true")
     parser.add_argument("--stream", action="store_true", help="misses ask for SSE, not JSON")
     parser.add_argument("--redis", action="store_true", help="llm-sidecar with the Redis cache")
+    parser.add_argument(
+        "--shipped", action="store_true", help="llm-sidecar on the default policy (access log on)"
+    )
     args = parser.parse_args()
     try:
         return uvloop.run(_main(args))

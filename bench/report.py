@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 
 from bench.common import Context, Section
-from bench.servers import REPO, TOOLS_VENV
+from bench.servers import NODE_TOOLS, PORTKEY_VERSION, REPO, TOOLS_VENV
 from bench.wrk import version as wrk_version
 
 
@@ -66,6 +66,8 @@ def environment(ctx: Context) -> dict[str, str]:
         "wrk": wrk_version(),
         "redis": redis,
         "litellm": litellm.splitlines()[-1] if litellm else "unknown",
+        "portkey": f"@portkey-ai/gateway {PORTKEY_VERSION} (pinned; full runs install it "
+        f"under {NODE_TOOLS}), node {_run(['node', '--version'])}",
         "mode": "quick (--quick: short runs, one round)" if ctx.quick else "full",
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,11 +31,20 @@ from bench.procs import (
     tcp_probe,
     wait_ready,
 )
+from proxy.policy import DEFAULT_POLICY_PATH
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TOOLS_VENV = Path("/tmp/bench-tools-venv")
 LITELLM = TOOLS_VENV / "bin" / "litellm"
+# Portkey's gateway, installed by `ensure_portkey` (full runs only), never into the repo.
+PORTKEY_VERSION = "1.15.2"
+NODE_TOOLS = Path("/tmp/bench-tools-node")
+PORTKEY = NODE_TOOLS / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+# Portkey 1.15.2 under Node 20 answers every stream with 500 ("tryTargetsRecursively error:
+# immutable"): it appends its x-portkey-* headers to the upstream's fetch Response, whose
+# headers are immutable. The one-line fix: hand on a copy of the response instead.
+PORTKEY_STREAM_FIX = ("r?(i=t,c=s)", "r?(i=new Response(t.body,t),c=s)")
 
 NGINX_CONF = """\
 daemon off;
@@ -74,11 +84,14 @@ def sidecar_policy(
     backend: str = "memory",
     redis_port: int | None = None,
     stages: dict[str, Any] | None = None,
+    local_tier: bool = True,
 ) -> dict[str, Any]:
     """The policy every llm-sidecar in the bench runs: coalescing on, chat completions cached."""
     cache: dict[str, Any] = {"backend": backend}
     if backend == "redis":
         cache["url"] = f"redis://127.0.0.1:{redis_port}/0"
+        if not local_tier:
+            cache["local_tier"] = None
     policy: dict[str, Any] = {
         "upstreams": {"fake": {"base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
         "routes": [
@@ -91,6 +104,43 @@ def sidecar_policy(
     if stages:
         policy["stages"] = stages
     return policy
+
+
+def shipped_policy(upstream_port: int, *, quiet: bool = False) -> dict[str, Any]:
+    """The default policy as shipped (access log on), its upstream pointed at the fake.
+
+    `quiet` turns the access log off and the level to warning: the variant
+    earlier reports measured.
+    """
+    policy: dict[str, Any] = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
+    for upstream in policy["upstreams"].values():
+        upstream["base_url"] = f"http://127.0.0.1:{upstream_port}/v1"
+    if quiet:
+        policy["log"] = {"level": "warning", "access": False}
+    return policy
+
+
+def ensure_portkey() -> str | None:
+    """Install (once) and patch Portkey's gateway under /tmp; None when ready, else why not."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node and npm are not installed"
+    if not PORTKEY.exists():
+        NODE_TOOLS.mkdir(parents=True, exist_ok=True)
+        argv = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(NODE_TOOLS)]
+        argv.append(f"@portkey-ai/gateway@{PORTKEY_VERSION}")
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"npm install failed: {exc}"
+        if done.returncode != 0 or not PORTKEY.exists():
+            return f"npm install failed: {(done.stderr or done.stdout).strip()[-300:]}"
+    source = PORTKEY.read_text(encoding="utf-8")
+    broken, fixed = PORTKEY_STREAM_FIX
+    if broken in source:
+        PORTKEY.write_text(source.replace(broken, fixed, 1), encoding="utf-8")
+    elif fixed not in source:
+        return "the stream fix no longer applies to this Portkey build"
+    return None
 
 
 class Lab:
@@ -223,6 +273,19 @@ class Lab:
         await wait_ready(
             server, http_probe(self.session, f"{server.url}/health/liveliness"), timeout=120
         )
+        return server
+
+    async def portkey(self, upstream: Server) -> Server:
+        """Portkey's gateway (see `ensure_portkey`), routed to the fake by its own headers."""
+        port = free_port()
+        argv = ["node", str(PORTKEY), f"--port={port}", "--headless"]
+        env = {**os.environ, "NODE_ENV": "production"}
+        server = self._spawn(f"portkey-{port}", argv, port, env=env, cwd=NODE_TOOLS)
+        server.extra["bearer"] = "sk-fake"
+        server.extra["headers"] = (
+            f"x-portkey-provider: openai|x-portkey-custom-host: {upstream.url}/v1"
+        )
+        await wait_ready(server, http_probe(self.session, f"{server.url}/"), timeout=60)
         return server
 
     # -- control calls to the fake upstream and the proxy

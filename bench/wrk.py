@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +49,19 @@ async def run_wrk(
     connections: int,
     seconds: float,
     threads: int = 1,
+    stop_after: int | None = None,
 ) -> WrkResult:
-    """Closed-loop load: `connections` keep-alive connections for `seconds` seconds."""
+    """Closed-loop load: `connections` keep-alive connections for `seconds` seconds.
+
+    `stop_after` (with `counted.lua`) ends the run after that many responses;
+    `seconds` is then only the bound.
+    """
     argv = ["wrk", "-t", str(min(threads, connections)), "-c", str(connections)]
     argv += ["-d", f"{max(1, round(seconds))}s", "--timeout", "10s"]
     argv += ["-s", str(LUA / script), url, "--", *args]
+    env = {**os.environ, "BENCH_STOP_AFTER": str(stop_after)} if stop_after else None
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
     )
     try:
         async with asyncio.timeout(seconds + 30):

@@ -1,8 +1,10 @@
 """The aiohttp application: routes, resources and their lifetimes.
 
 `build_app` wires a `Runtime` onto a new app; resources open and close in
-`cleanup_ctx`, in reverse order. `proxy.lifecycle` serves it (signals,
-reload and drain).
+`cleanup_ctx`, in reverse order. With an `admin` block in the policy the
+operator endpoints (`/healthz`, `/readyz`, `/metrics`, `/status`) leave the
+API app for `build_admin_app`, served on their own listener.
+`proxy.lifecycle` serves both (signals, reload and drain).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from aiohttp import web
 
 from proxy.cache.factory import build_cache
 from proxy.cluster.link import build_link
+from proxy.errors import NotFound
 from proxy.gauges import watch
 from proxy.observe import OBSERVER, Observer
 from proxy.pipeline import handle_api
 from proxy.policy import LoadedPolicy
 from proxy.routing import compile_policy
 from proxy.runtime import RUNTIME, HookSession, Runtime, StageSet
+from proxy.server import GuardedSite
 from proxy.status import metrics_endpoint, status_endpoint
 
 
@@ -33,6 +37,12 @@ async def readyz(request: web.Request) -> web.Response:
     if rt.draining:
         return web.json_response({"status": "draining"}, status=503)
     return web.json_response({"status": "ready", "policy": rt.snapshot.version})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    """Anything outside /v1 and the operator endpoints: an OpenAI-style 404."""
+    error = NotFound("llm-sidecar: nothing is served at this path")
+    return web.Response(status=error.status, body=error.body(), headers=error.headers())
 
 
 def build_app(loaded: LoadedPolicy) -> web.Application:
@@ -53,14 +63,35 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
     watch(rt)
     observer = app[OBSERVER] = Observer(rt)
     api = observer.wrap(handle_api)
+    if loaded.policy.admin is None:
+        _add_operator_routes(app)
+    # [\s\S]: a path with an encoded CR or LF must reach intake and its 400,
+    # not fall through the router's "." as a bare 404.
+    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", api)
+    app.router.add_route("*", "/v1", api)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
+    app.cleanup_ctx.append(_resources)
+    return app
+
+
+def _add_operator_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/status", status_endpoint)
-    app.router.add_route("*", "/v1/{tail:.*}", api)
-    app.router.add_route("*", "/v1", api)
-    app.cleanup_ctx.append(_resources)
-    return app
+
+
+def build_admin_app(rt: Runtime) -> web.Application:
+    """The operator endpoints alone, for the policy's `admin` listener.
+
+    It shares the API app's runtime and owns no resource: the API app opens
+    and closes them.
+    """
+    admin = web.Application()
+    admin[RUNTIME] = rt
+    _add_operator_routes(admin)
+    admin.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
+    return admin
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -89,9 +120,11 @@ def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.App
 
 async def start_site(
     app: web.Application, host: str, port: int, runner: web.AppRunner | None = None
-) -> tuple[web.AppRunner, web.TCPSite]:
+) -> tuple[web.AppRunner, GuardedSite]:
     runner = runner if runner is not None else make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    rt = app[RUNTIME]
+    # Connection guards (head and idle timeouts) follow the current policy.
+    site = GuardedSite(runner, host, port, lambda: rt.snapshot.loaded.policy.limits)
     await site.start()
     return runner, site

@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyError as exc:
         _report(exc)
         return 2
-    from proxy.lifecycle import serve
+    from proxy.lifecycle import ListenError, serve
 
     try:
         serve(loaded, args.host, args.port)
     except PolicyError as exc:
         _report(exc)
+        return 2
+    except ListenError as exc:  # a busy port is the operator's to fix: no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 

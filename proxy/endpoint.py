@@ -2,21 +2,25 @@
 
 Chosen once at intake (`endpoint_of`) and carried on the request, so no
 later stage re-derives from the path whether a call is coalesced, how it is
-asked upstream, which assembler folds its events back into an object, or
-what marks it complete. A new dialect or path shape (Azure deployment paths,
-say) is a new row in `_ROWS`, not a new branch elsewhere.
+asked upstream, how an answer converts to the other mode (events folded into
+the object, the object re-chunked into events), or what marks it complete.
+A new dialect or path shape (Azure deployment paths, say) is a new row in
+`_ROWS`, not a new branch elsewhere.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from proxy import rechunk
 from proxy.assemble import (
-    RESPONSE_TERMINAL,
     assemble_chat,
     assemble_completion,
     assemble_response,
@@ -26,6 +30,10 @@ from proxy.assemble import (
 Payloads = Sequence[dict[str, Any]]
 # The object a non-stream caller gets, and whether the answer is whole.
 Assembler = Callable[[Payloads], tuple[dict[str, Any] | None, bool]]
+# A parsed non-stream answer as its stream; None when it is not of the endpoint's shape.
+Rechunker = Callable[[Any], rechunk.Rechunked | None]
+
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 
 
 class EndMarker(enum.Enum):
@@ -33,11 +41,6 @@ class EndMarker(enum.Enum):
 
     DONE = "data: [DONE]"  # chat and text completions
     TERMINAL = "response.completed|incomplete|failed"  # the Responses API
-
-    def ends(self, done: bool, payload: dict[str, Any] | None) -> bool:
-        if self is EndMarker.DONE:
-            return done
-        return payload is not None and payload.get("type") in RESPONSE_TERMINAL
 
 
 def _choices(fold: Callable[[Payloads], dict[str, Any]]) -> Assembler:
@@ -52,63 +55,96 @@ def _response(payloads: Payloads) -> tuple[dict[str, Any] | None, bool]:
     return final, final is not None and final.get("status") == "completed"
 
 
+def _choices_whole(answer: Any) -> bool:
+    """A plain answer is whole as a stream would be: every choice has a finish reason."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    return (
+        isinstance(choices, list)
+        and bool(choices)
+        and all(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
+    )
+
+
+def _response_whole(answer: Any) -> bool:
+    return isinstance(answer, dict) and answer.get("status") == "completed"
+
+
+def _whole(answer: Any) -> bool:
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     name: str  # for logs and tests: chat, completions, embeddings, responses
-    streams: bool  # asked upstream as a stream, whatever the caller asked
     adds_usage: bool  # stream_options.include_usage added to a streamed call
     end: EndMarker  # what "complete" means for a streamed answer
     assemble: Assembler | None  # events -> the non-stream object; None: none is built
+    restream: Rechunker | None  # the non-stream object -> its events; None: no stream form
+    plain_whole: Callable[[Any], bool]  # a parsed non-stream answer is whole (cacheable)
     max_tokens_field: str | None  # where a clamp sets an absent limit; None: no tokens here
     has_instructions: bool  # a system message goes in `instructions` when there are no messages
 
-    def upstream_body(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Ask for a stream (with usage) so stream and non-stream callers share one call."""
-        if not self.streams:
-            return body
-        out = {**body, "stream": True}
-        if self.adds_usage:
-            options = body.get("stream_options")
-            out["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-        return out
+    def upstream_bytes(self, body: dict[str, Any], raw: bytes, wants_stream: bool) -> bytes:
+        """What goes upstream for a caller whose request is `raw` (parsed: `body`).
+
+        The caller's own bytes in the caller's own mode; only a streamed call
+        on an endpoint that reports usage also asks for the usage chunk, so
+        that readers who asked for it get it whoever leads. Where the caller
+        sent no `stream_options`, the option is spliced into the bytes, so the
+        body is never re-serialised (an integer wider than 64 bits would turn
+        into a float).
+        """
+        if not (wants_stream and self.adds_usage):
+            return raw
+        if "stream_options" not in body:
+            # `raw` parsed into a non-empty object (it holds "stream": true), so
+            # its first "{" opens it and a member follows.
+            at = raw.index(b"{") + 1
+            return raw[:at] + _USAGE_OPTION + raw[at:]
+        options = body["stream_options"]
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return raw
+        merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return orjson.dumps({**body, "stream_options": merged})
 
 
 CHAT = Endpoint(
     name="chat",
-    streams=True,
     adds_usage=True,
     end=EndMarker.DONE,
     assemble=_choices(assemble_chat),
+    restream=functools.partial(rechunk.rechunk, rechunk.CHAT_PATH),
+    plain_whole=_choices_whole,
     max_tokens_field="max_tokens",
     has_instructions=False,
 )
 COMPLETIONS = Endpoint(
     name="completions",
-    streams=True,
     adds_usage=True,
     end=EndMarker.DONE,
     assemble=_choices(assemble_completion),
+    restream=functools.partial(rechunk.rechunk, rechunk.COMPLETIONS_PATH),
+    plain_whole=_choices_whole,
     max_tokens_field="max_tokens",
     has_instructions=False,
 )
 EMBEDDINGS = Endpoint(
     name="embeddings",
-    streams=False,
     adds_usage=False,
     end=EndMarker.DONE,
     assemble=None,
+    restream=None,
+    plain_whole=_whole,
     max_tokens_field=None,
     has_instructions=False,
 )
 RESPONSES = Endpoint(
     name="responses",
-    streams=True,
     adds_usage=False,
     end=EndMarker.TERMINAL,
     assemble=_response,
+    restream=functools.partial(rechunk.rechunk, rechunk.RESPONSES_PATH),
+    plain_whole=_response_whole,
     max_tokens_field="max_output_tokens",
     has_instructions=True,
 )

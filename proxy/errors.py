@@ -49,6 +49,20 @@ class BadRequest(ProxyError):
     code = "invalid_request"
 
 
+class BadPath(BadRequest):
+    """A path that is malformed or leaves its prefix: refused, never forwarded."""
+
+    code = "invalid_path"
+
+
+class RequestTimeout(ProxyError):
+    """The caller stopped sending its body; the SDKs retry a 408."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
@@ -101,6 +115,28 @@ class UpstreamBroken(ProxyError):
     status = 502
     type = "server_error"
     code = "upstream_stream_error"
+
+
+class UpstreamIdle(UpstreamBroken):
+    """The upstream sent nothing for longer than its `idle_timeout`."""
+
+
+class UpstreamTooLarge(UpstreamBroken):
+    """The upstream's response passed `max_response_bytes`."""
+
+    code = "upstream_response_too_large"
+
+
+class UpstreamEventTooLarge(UpstreamBroken):
+    """One event of the upstream's stream passed `max_event_bytes`."""
+
+    code = "upstream_event_too_large"
+
+
+class UpstreamTooLong(UpstreamBroken):
+    """The upstream's response was still running after `max_duration`."""
+
+    code = "upstream_response_too_long"
 
 
 class HookRejected(ProxyError):

@@ -1,8 +1,9 @@
 """Levels read from the runtime at scrape time: the request path pays nothing.
 
 Stage in-use and queued counts, streams in flight, pumps alive, draining,
-the policy version, the cache's and cross-replica coalescing's counters.
-`watch` registers them on the runtime's own registry and times its stage waits. Kept apart from
+the policy version, the cache's counters, ejected targets, retries in
+flight and cross-replica coalescing's counters. `watch` registers them on the
+runtime's own registry and times its stage waits. Kept apart from
 `proxy.metrics` so that the runtime can own a `Metrics` without the metrics
 module knowing the runtime.
 """
@@ -22,8 +23,7 @@ from proxy.runtime import Runtime
 def watch(rt: Runtime) -> None:
     """Read `rt` at scrape time and time its stage waits."""
     rt.metrics.registry.register(RuntimeCollector(rt))
-    for limiter in rt.stages.all():
-        limiter.on_wait = rt.metrics.stage_waited
+    rt.metrics.time_stages(rt.stages.all())
 
 
 class RuntimeCollector(Collector):
@@ -66,4 +66,27 @@ class RuntimeCollector(Collector):
             "llm_sidecar_policy", "The policy being served.", value={"version": rt.snapshot.version}
         )
         yield from cache_metrics(rt.cache)
+        yield from _target_metrics(rt)
         yield from metrics_of(rt)
+
+
+def _target_metrics(rt: Runtime) -> Iterator[Metric]:
+    ejected = GaugeMetricFamily(
+        "llm_sidecar_upstream_ejected",
+        "1 while the target is ejected for a cool-down, per target of the policy.",
+        labels=["target"],
+    )
+    retries = rt.retries
+    now = retries.clock()
+    seen: set[str] = set()
+    for route in rt.snapshot.routes:
+        for target in route.targets:
+            if target.label not in seen:
+                seen.add(target.label)
+                ejected.add_metric([target.label], int(retries.outliers.is_ejected(target.id, now)))
+    yield ejected
+    yield GaugeMetricFamily(
+        "llm_sidecar_upstream_retries_in_flight",
+        "Retries holding a share of the retry budget now.",
+        value=retries.budget.in_flight,
+    )

@@ -14,6 +14,11 @@ Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 # The response header that says which path served a request.
 SERVED_BY = "x-llm-sidecar"
+# The response header that says how many upstream attempts a stream took.
+ATTEMPTS_HEADER = "x-llm-sidecar-attempts"
+# Honoured by the OpenAI Python and Node SDKs: "false" and they do not retry,
+# set once the proxy has retried (or refused to), so retries never multiply.
+SHOULD_RETRY_HEADER = "x-should-retry"
 
 
 class Served(enum.StrEnum):

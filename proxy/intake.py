@@ -1,24 +1,30 @@
 """Intake: the first step of every request.
 
-Reads the body under the size limit, parses it once, matches the route,
-derives the tenant and the request key, and reads the caller's cache
-directives. Produces one frozen `Intake` that the later stages read.
+Confines the path (`proxy.paths`), reads the body under the size limit and
+the body timeout, parses it once, matches the route, derives the tenant and
+the request key, and reads the caller's cache directives. Produces one
+frozen `Intake` that the later stages read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from proxy.endpoint import Endpoint
-from proxy.errors import BadRequest, BodyTooLarge, NotFound
+from proxy.errors import BadPath, BadRequest, BodyTooLarge, NotFound, RequestTimeout
 from proxy.headers import first_credential
-from proxy.keys import SHARED_TENANT, request_key, tenant_of
+from proxy.keys import SHARED_TENANT, request_key, split_query, tenant_of
+from proxy.paths import PathRejected, confine
+from proxy.policy import Limits
 from proxy.routing import CompiledRoute, Snapshot
+from proxy.server import stop_lingering
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +32,12 @@ class Intake:
     """A coalescible request, read and parsed; relayed requests never get one."""
 
     request_id: str
-    path: str
-    query: str
+    path: str  # canonical and still percent-encoded: sent upstream as is
+    query: str  # raw, as the caller sent it
     route: CompiledRoute
     endpoint: Endpoint  # chosen once here; later stages never look at the path for it
     body: dict[str, Any]  # parsed once
+    raw: bytes  # the body as the caller sent it: what goes upstream unless prepared
     key: str
     wants_stream: bool
     wants_usage: bool
@@ -45,19 +52,61 @@ def request_id_of(request: web.Request, new_id: Callable[[], str]) -> str:
     return new_id()
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes `limit`."""
+def confined(request: web.Request) -> web.Request:
+    """The request with its path in canonical form (`proxy.paths`); a path
+    that is malformed or leaves /v1 is a 400 and goes nowhere."""
+    raw = request.rel_url.raw_path
+    try:
+        path = confine(raw)
+    except PathRejected as exc:
+        raise BadPath(f"llm-sidecar: the request path is not allowed: {exc}") from exc
+    if path == raw:
+        return request
+    query = request.rel_url.raw_query_string
+    return request.clone(rel_url=URL.build(path=path, query_string=query, encoded=True))
+
+
+async def body_chunks(request: web.Request, limits: Limits) -> AsyncIterator[bytes]:
+    """The body as it arrives: 413 past `max_body_bytes`, 408 when it is not
+    all there `body_timeout` after the read began, 400 when it is malformed."""
+    limit = limits.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"llm-sidecar: the request body is over the {limit}-byte limit")
-    chunks: list[bytes] = []
+    content = request.content
+    deadline = asyncio.get_running_loop().time() + limits.body_timeout
     total = 0
-    async for chunk in request.content.iter_any():
+    while True:
+        try:
+            if content.is_eof():
+                chunk = await content.readany()  # all here already: no timer needed
+            else:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await content.readany()
+        except TimeoutError as exc:
+            stop_lingering(request)  # a stalled caller is not waited on any longer
+            raise RequestTimeout(
+                f"llm-sidecar: the request body did not arrive within {limits.body_timeout:g}s"
+            ) from exc
+        except web.RequestPayloadError as exc:
+            raise BadRequest(
+                f"llm-sidecar: the request body is malformed ({type(exc.__cause__).__name__})"
+            ) from exc
+        if not chunk:
+            return
         total += len(chunk)
         if total > limit:
+            if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+                # Discarding the rest would mean decompressing it: a small
+                # compressed body can cost seconds of CPU (a gzip bomb).
+                stop_lingering(request)
             raise BodyTooLarge(f"llm-sidecar: the request body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def read_body(request: web.Request, limits: Limits) -> bytes:
+    """The whole body, under the limits of `body_chunks`."""
+    return b"".join([chunk async for chunk in body_chunks(request, limits)])
 
 
 def _cache_directives(request: web.Request) -> tuple[bool, bool]:
@@ -77,7 +126,7 @@ def _deterministic(body: dict[str, Any]) -> bool:
 
 
 def route_of(snapshot: Snapshot, request: web.Request) -> CompiledRoute:
-    route = snapshot.match(request.method, request.path)
+    route = snapshot.match(request.method, request.rel_url.raw_path)
     if route is None:
         raise NotFound(f"llm-sidecar: no route for {request.method} {request.path}")
     return route
@@ -93,15 +142,32 @@ def coalescible_intake(
     if not isinstance(body, dict):
         raise BadRequest("llm-sidecar: the request body must be a JSON object")
     config = route.config
+    path = request.rel_url.raw_path
+    raw_query = request.rel_url.raw_query_string
+    query, query_credential = split_query(raw_query)
     if config.share_across_tenants:
         tenant = SHARED_TENANT
     elif config.tenant_header is not None:
         tenant = tenant_of(request.headers.get(config.tenant_header))
     else:
-        tenant = tenant_of(first_credential(request.headers))
-    key = request_key(
-        tenant, route.upstream_name, request.method, request.path, body, config.ignore_fields
-    )
+        tenant = tenant_of(first_credential(request.headers), query_credential)
+    try:
+        key = request_key(
+            tenant,
+            route.upstream_name,
+            request.method,
+            path,
+            body,
+            config.ignore_fields,
+            query=query,
+            vary=[
+                ",".join(request.headers.getall(name, ())) or None for name in config.vary_headers
+            ],
+        )
+        # The ignored fields are sent upstream too: they must be writable as well.
+        orjson.dumps([body[name] for name in config.ignore_fields if name in body])
+    except TypeError as exc:  # orjson writes less deeply nested JSON than it reads
+        raise BadRequest(f"llm-sidecar: the request body cannot be re-encoded ({exc})") from exc
     cache_read, cache_write = _cache_directives(request)
     cache = config.cache
     if cache is None or cache.ttl <= 0 or (cache.only_deterministic and not _deterministic(body)):
@@ -109,11 +175,12 @@ def coalescible_intake(
     options = body.get("stream_options")
     return Intake(
         request_id=request_id,
-        path=request.path,
-        query=request.query_string,
+        path=path,
+        query=raw_query,
         route=route,
         endpoint=endpoint,
         body=body,
+        raw=raw,
         key=key,
         wants_stream=body.get("stream") is True,
         wants_usage=isinstance(options, dict) and options.get("include_usage") is True,

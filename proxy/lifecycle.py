@@ -33,7 +33,7 @@ import uvloop
 from aiohttp import web
 
 from proxy import logs
-from proxy.app import build_app, make_runner, start_site
+from proxy.app import build_admin_app, build_app, make_runner, start_site
 from proxy.observe import OBSERVER
 from proxy.policy import LoadedPolicy
 from proxy.reload import Reloader
@@ -43,6 +43,14 @@ from proxy.runtime import RUNTIME
 # and how long aiohttp then waits for any handler left before cancelling it.
 GRACE = 1.0
 STOP_MESSAGE = "llm-sidecar is shutting down: the drain timeout passed"
+
+
+class ListenError(Exception):
+    """The listening socket could not be opened: the command line says so in one line."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
 
 
 class Lifecycle:
@@ -144,6 +152,13 @@ def _configure_logging(loaded: LoadedPolicy) -> None:
     logs.configure(loaded.policy.log, os.environ)
 
 
+async def _listen(app: web.Application, host: str, port: int, runner: web.AppRunner) -> None:
+    try:
+        await start_site(app, host, port, runner=runner)
+    except OSError as exc:  # a busy port is the operator's to fix: one line, no traceback
+        raise ListenError(host, port, exc) from exc
+
+
 async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     _configure_logging(loaded)
     app = build_app(loaded)
@@ -151,16 +166,35 @@ async def run(loaded: LoadedPolicy, host: str, port: int) -> None:
     lifecycle = Lifecycle(app, runner, Path(loaded.source))
     # Before the socket opens: a SIGTERM from here on drains instead of killing.
     lifecycle.install_signals()
-    await start_site(app, host, port, runner=runner)
-    # Everything built so far lives as long as the process: keep it out of
-    # the collector's full passes, which otherwise rescan it under load.
-    gc.freeze()
-    logs.event("start", host=host, port=port, version=loaded.version, pid=os.getpid())
+    admin_runner: web.AppRunner | None = None
     try:
+        await _listen(app, host, port, runner)
+        admin = loaded.policy.admin
+        if admin is not None:
+            # Its own runner: the drain closes the API listener only, so probes
+            # and metrics keep answering (503 from /readyz) until the exit.
+            admin_app = build_admin_app(app[RUNTIME])
+            admin_runner = make_runner(admin_app, shutdown_timeout=GRACE)
+            await _listen(admin_app, admin.host, admin.port, admin_runner)
+        # Everything built so far lives as long as the process: keep it out of
+        # the collector's full passes, which otherwise rescan it under load.
+        gc.freeze()
+        logs.event(
+            "start",
+            host=host,
+            port=port,
+            admin_host=None if admin is None else admin.host,
+            admin_port=None if admin is None else admin.port,
+            version=loaded.version,
+            pid=os.getpid(),
+        )
         await lifecycle.run_until_stopped()
     finally:
         await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
     logs.event("stop")
+    logs.flush()  # the loop ends here: no timer will write what is buffered
 
 
 def serve(loaded: LoadedPolicy, host: str | None = None, port: int | None = None) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable, Coroutine
+from contextlib import suppress
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 from proxy.errors import QueueFull, QueueTimeout
 
@@ -58,7 +60,10 @@ class StageLimiter:
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.observer = observer
+        # Told of every slot that was waited for; a slot free at once is only
+        # counted, which is all a wait of 0 s needs (the metrics fold it in).
         self.on_wait: Callable[[str, float], None] | None = None
+        self.free_acquired = 0
 
     def resize(self, max_concurrency: int, max_queue: int, queue_timeout: float) -> None:
         self._max_concurrency = max_concurrency
@@ -83,13 +88,14 @@ class StageLimiter:
         if self.observer is not None:
             self.observer(StageEvent(self.name, holder, kind, time.monotonic()))
 
-    async def acquire(self, holder: str = "") -> None:
+    async def acquire(self, holder: str = "") -> bool:
+        """Take a slot; True when it had to queue for it (time passed meanwhile)."""
         if self._in_use < self._max_concurrency and not self._waiters:
             self._in_use += 1
-            self._note(holder, "acquire")
-            if self.on_wait is not None:
-                self.on_wait(self.name, 0.0)
-            return
+            self.free_acquired += 1
+            if self.observer is not None:
+                self._note(holder, "acquire")
+            return False
         if len(self._waiters) >= self._max_queue:
             self._note(holder, "reject")
             raise QueueFull(self.name, retry_after=self._queue_timeout or 1.0)
@@ -115,6 +121,7 @@ class StageLimiter:
         self._note(holder, "acquire")
         if self.on_wait is not None:
             self.on_wait(self.name, time.monotonic() - started)
+        return True
 
     def release(self, holder: str = "") -> None:
         self._in_use -= 1
@@ -132,10 +139,33 @@ class StageLimiter:
                 waiter.set_result(None)
                 self._in_use += 1
 
-    @asynccontextmanager
-    async def slot(self, holder: str = "") -> AsyncIterator[None]:
-        await self.acquire(holder)
-        try:
-            yield
-        finally:
-            self.release(holder)
+    def slot(self, holder: str = "") -> Slot:
+        """`async with limiter.slot(holder) as queued:` holds one slot for the block;
+        `queued` says whether the holder had to queue for it."""
+        return Slot(self, holder)
+
+
+class Slot:
+    """One stage slot held for an `async with` block; released however the block ends.
+
+    A class rather than `@asynccontextmanager`: every request takes two slots,
+    and the generator machinery cost more than acquiring and releasing them.
+    """
+
+    __slots__ = ("_holder", "_limiter")
+
+    def __init__(self, limiter: StageLimiter, holder: str) -> None:
+        self._limiter = limiter
+        self._holder = holder
+
+    def __aenter__(self) -> Coroutine[Any, Any, bool]:
+        # The acquire coroutine itself is what `async with` awaits: one frame fewer.
+        return self._limiter.acquire(self._holder)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._limiter.release(self._holder)

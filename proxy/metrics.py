@@ -1,11 +1,20 @@
-"""Prometheus metrics: one registry per app, cheap on the hot path.
+"""Prometheus metrics: one registry per app, nothing but plain ints on the hot path.
 
-Counters and histograms that move per request have their label children
-bound ahead of time (or once per new label pair, then kept in a dict), so a
-request pays a dict lookup and an increment, never string formatting.
-Everything that is a level rather than an event (stage in-use and queued,
-streams in flight, the cache's counters) is read at scrape time by a
-collector, so the request path pays nothing for it.
+What moves per request (request counts, durations, bytes, upstream calls
+and attempts, retries, ejections, stage waits) is kept as plain ints and
+floats on the app's `Metrics`: counters in dicts, histograms as one int per
+bucket (found by bisection) and a float sum. Everything runs on the event
+loop thread, so no lock is taken (prometheus-client's own metrics take one
+per increment); a collector turns them into the usual families at scrape
+time, under the same names and labels, `_created` timestamps included.
+Levels rather than events (stage in-use and queued, streams in flight, the
+cache's counters) are read from the runtime at scrape time too, by
+`proxy.gauges`.
+
+A stage slot taken without waiting is not observed at all: the limiter
+counts it, and the scrape folds that count into the stage-wait histogram's
+lowest bucket, so `_count` still counts every slot taken and a free one
+still weighs 0 s.
 
 Labels carry stage names, route indexes, statuses and how a request was
 served: never a credential, a prompt, a key or a path a caller chose.
@@ -14,19 +23,28 @@ served: never a credential, a prompt, a key or a path a caller chose.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from proxy.cache.base import Cache
 from proxy.headers import Served
+
+if TYPE_CHECKING:
+    from proxy.limiter import StageLimiter
 
 SERVED = (*(served.value for served in Served), "none")
 STAGES = ("leader", "follower", "upstream")
@@ -36,87 +54,72 @@ NO_RESPONSE = "error"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
 # CacheStats fields that are levels, not running totals.
-_CACHE_GAUGES = frozenset({"in_lane", "writes_pending"})
+_CACHE_GAUGES = frozenset({"in_lane", "writes_pending", "local_bytes"})
 _CACHE_STATES = {"breaker_state": ("closed", "open", "half_open")}
+# How prometheus-client writes an `le` label ("0.005", "1.0"); typed here, as it is not.
+_GO_FLOAT: Callable[[float], str] = floatToGoString
 
 
-class _ServedChildren:
-    """The per-request series of one `served` value, bound once."""
+class _Histogram:
+    """Per-bucket counts (the last one is +Inf) and a sum; cumulated at scrape time."""
 
-    __slots__ = ("bytes_in", "bytes_out", "duration", "ttfb")
+    __slots__ = ("bounds", "counts", "created", "le", "sum")
 
-    def __init__(self, metrics: Metrics, served: str) -> None:
-        self.duration = metrics.duration.labels(served)
-        self.ttfb = metrics.ttfb.labels(served)
-        self.bytes_in = metrics.bytes_in.labels(served)
-        self.bytes_out = metrics.bytes_out.labels(served)
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.le = [*map(_GO_FLOAT, bounds), "+Inf"]
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # bisect_left: the first bound >= value, Prometheus's `le`.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Counter:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+
+class _Served:
+    """The per-request series of one `served` value."""
+
+    __slots__ = ("bytes_in", "bytes_out", "duration", "statuses", "ttfb")
+
+    def __init__(self) -> None:
+        self.duration = _Histogram(_LATENCY)
+        self.ttfb = _Histogram(_LATENCY)
+        self.bytes_in = _Counter()
+        self.bytes_out = _Counter()
+        self.statuses: dict[int, _Counter] = {}
 
 
 class Metrics:
-    """Owns one `CollectorRegistry`; methods here are the hot-path entry points."""
+    """Owns one `CollectorRegistry`; the methods here are the hot-path entry points.
+
+    Every field is touched on the event loop thread only (the scrape too:
+    `/metrics` renders inline).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        reg = self.registry
-        self.requests = Counter(
-            "llm_sidecar_requests",
-            "Requests answered on /v1, by how they were served and their status.",
-            ["served", "status"],
-            registry=reg,
-        )
-        self.duration = Histogram(
-            "llm_sidecar_request_duration_seconds",
-            "From the request's arrival to its last byte handed to the connection.",
-            ["served"],
-            buckets=_LATENCY,
-            registry=reg,
-        )
-        self.ttfb = Histogram(
-            "llm_sidecar_time_to_first_byte_seconds",
-            "From the request's arrival to the first body byte sent"
-            " (for a stream: its first event).",
-            ["served"],
-            buckets=_LATENCY,
-            registry=reg,
-        )
-        self.bytes_in = Counter(
-            "llm_sidecar_request_bytes",
-            "Request body bytes received.",
-            ["served"],
-            registry=reg,
-        )
-        self.bytes_out = Counter(
-            "llm_sidecar_response_bytes",
-            "Response body bytes sent (stream events as framed by the upstream).",
-            ["served"],
-            registry=reg,
-        )
-        self.upstream = Counter(
-            "llm_sidecar_upstream_requests",
-            "Upstream calls by policy route index and upstream status"
-            f" ({NO_RESPONSE!r}: no response).",
-            ["route", "status"],
-            registry=reg,
-        )
-        self.stage_wait = Histogram(
-            "llm_sidecar_stage_wait_seconds",
-            "Time from asking for a stage slot to getting it.",
-            ["stage"],
-            buckets=_WAIT,
-            registry=reg,
-        )
-        self.reloads = Counter(
-            "llm_sidecar_reloads",
-            "Policy reloads by result (ok, failed).",
-            ["result"],
-            registry=reg,
-        )
-        self._served = {name: _ServedChildren(self, name) for name in SERVED}
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._upstream: dict[tuple[int, int | None], Any] = {}
-        self._waits = {name: self.stage_wait.labels(name) for name in STAGES}
-        self._reload_ok = self.reloads.labels("ok")
-        self._reload_failed = self.reloads.labels("failed")
+        self._served = {name: _Served() for name in SERVED}
+        self._upstream: dict[tuple[int, int | None], _Counter] = {}
+        self._attempts: dict[tuple[str, int | str], _Counter] = {}
+        self._retries = _Counter()
+        self._retries_refused: dict[str, _Counter] = {}
+        self._ejections: dict[str, _Counter] = {}
+        self._waits = {name: _Histogram(_WAIT) for name in STAGES}
+        self._reloads = {"ok": _Counter(), "failed": _Counter()}
+        # The live limiters (resized in place on reload, never replaced): their
+        # free-slot counts join the stage-wait histogram at scrape time.
+        self._limiters: tuple[StageLimiter, ...] = ()
+        self.registry.register(_MetricsCollector(self))
 
     # -- hot path -------------------------------------------------------
 
@@ -131,39 +134,186 @@ class Metrics:
     ) -> None:
         children = self._served.get(served)
         if children is None:
-            served, children = "none", self._served["none"]
-        counter = self._requests.get((served, status))
+            children = self._served["none"]
+        counter = children.statuses.get(status)
         if counter is None:
-            counter = self._requests[(served, status)] = self.requests.labels(served, str(status))
-        counter.inc()
+            counter = children.statuses[status] = _Counter()
+        counter.value += 1
         children.duration.observe(duration)
         if ttfb is not None:
             children.ttfb.observe(ttfb)
-        if bytes_in:
-            children.bytes_in.inc(bytes_in)
-        if bytes_out:
-            children.bytes_out.inc(bytes_out)
+        children.bytes_in.value += bytes_in
+        children.bytes_out.value += bytes_out
 
     def upstream_call(self, route: int, status: int | None) -> None:
         counter = self._upstream.get((route, status))
         if counter is None:
-            label = NO_RESPONSE if status is None else str(status)
-            counter = self._upstream[(route, status)] = self.upstream.labels(str(route), label)
-        counter.inc()
+            counter = self._upstream[(route, status)] = _Counter()
+        counter.value += 1
+
+    def attempt(self, target: str, outcome: int | str) -> None:
+        """One attempt at `target`: its status, or CONNECT_ERROR / TIMEOUT."""
+        counter = self._attempts.get((target, outcome))
+        if counter is None:
+            counter = self._attempts[(target, outcome)] = _Counter()
+        counter.value += 1
+
+    def retried(self) -> None:
+        """An attempt made after a first one failed (a retry or a fallback)."""
+        self._retries.value += 1
+
+    def retry_refused(self, reason: str) -> None:
+        """A retryable failure answered as it was (attempts, budget, retry_after, draining)."""
+        _bump(self._retries_refused, reason)
+
+    def ejected(self, target: str) -> None:
+        """`target` was ejected for a cool-down."""
+        _bump(self._ejections, target)
 
     def stage_waited(self, stage: str, seconds: float) -> None:
+        """A slot that was waited for (free ones are counted by the limiter)."""
         child = self._waits.get(stage)
         if child is not None:
             child.observe(seconds)
 
     def reloaded(self, ok: bool) -> None:
-        (self._reload_ok if ok else self._reload_failed).inc()
+        self._reloads["ok" if ok else "failed"].value += 1
 
     # -- scrape time ----------------------------------------------------
+
+    def time_stages(self, limiters: Iterable[StageLimiter]) -> None:
+        """Time the waits of `limiters`, and count their free slots at scrape time."""
+        self._limiters = tuple(limiters)
+        for limiter in self._limiters:
+            limiter.on_wait = self.stage_waited
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _bump(counters: dict[str, _Counter], label: str) -> None:
+    counter = counters.get(label)
+    if counter is None:
+        counter = counters[label] = _Counter()
+    counter.value += 1
+
+
+def _counters(family: CounterMetricFamily, counters: Iterable[tuple[str, _Counter]]) -> None:
+    for label, counter in counters:
+        family.add_metric([label], counter.value, created=counter.created)
+
+
+def _histogram(
+    family: HistogramMetricFamily, labels: dict[str, str], hist: _Histogram, free: int = 0
+) -> None:
+    """Adds one labelled histogram; `free` observations of 0 s join the lowest bucket."""
+    cumulative = []
+    total = 0
+    for index, count in enumerate(hist.counts):
+        total += count + (free if index == 0 else 0)
+        cumulative.append((hist.le[index], float(total)))
+    family.add_metric(list(labels.values()), cumulative, hist.sum)
+    family.samples.append(Sample(family.name + "_created", labels, hist.created))
+
+
+class _MetricsCollector(Collector):
+    """The per-request series, from the plain numbers `Metrics` keeps."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "llm_sidecar_requests",
+            "Requests answered on /v1, by how they were served and their status.",
+            labels=["served", "status"],
+        )
+        duration = HistogramMetricFamily(
+            "llm_sidecar_request_duration_seconds",
+            "From the request's arrival to its last byte handed to the connection.",
+            labels=["served"],
+        )
+        ttfb = HistogramMetricFamily(
+            "llm_sidecar_time_to_first_byte_seconds",
+            "From the request's arrival to the first body byte sent"
+            " (for a stream: its first event).",
+            labels=["served"],
+        )
+        bytes_in = CounterMetricFamily(
+            "llm_sidecar_request_bytes", "Request body bytes received.", labels=["served"]
+        )
+        bytes_out = CounterMetricFamily(
+            "llm_sidecar_response_bytes",
+            "Response body bytes sent (stream events as framed by the upstream).",
+            labels=["served"],
+        )
+        for served, children in m._served.items():
+            for status, counter in list(children.statuses.items()):
+                requests.add_metric([served, str(status)], counter.value, created=counter.created)
+            _histogram(duration, {"served": served}, children.duration)
+            _histogram(ttfb, {"served": served}, children.ttfb)
+            for family, counter in ((bytes_in, children.bytes_in), (bytes_out, children.bytes_out)):
+                family.add_metric([served], counter.value, created=counter.created)
+        yield from (requests, duration, ttfb, bytes_in, bytes_out)
+        upstream = CounterMetricFamily(
+            "llm_sidecar_upstream_requests",
+            "Upstream calls by policy route index and upstream status"
+            f" ({NO_RESPONSE!r}: no response).",
+            labels=["route", "status"],
+        )
+        for (route, code), counter in list(m._upstream.items()):
+            label = NO_RESPONSE if code is None else str(code)
+            upstream.add_metric([str(route), label], counter.value, created=counter.created)
+        yield upstream
+        yield from _retry_families(m)
+        waits = HistogramMetricFamily(
+            "llm_sidecar_stage_wait_seconds",
+            "Time from asking for a stage slot to getting it (0 when free).",
+            labels=["stage"],
+        )
+        free = {limiter.name: limiter.free_acquired for limiter in m._limiters}
+        for stage, hist in m._waits.items():
+            _histogram(waits, {"stage": stage}, hist, free.get(stage, 0))
+        yield waits
+        reloads = CounterMetricFamily(
+            "llm_sidecar_reloads", "Policy reloads by result (ok, failed).", labels=["result"]
+        )
+        _counters(reloads, m._reloads.items())
+        yield reloads
+
+
+def _retry_families(m: Metrics) -> Iterator[Metric]:
+    attempts = CounterMetricFamily(
+        "llm_sidecar_upstream_attempts",
+        "Upstream attempts by target and outcome (the status, or connect_error, timeout).",
+        labels=["target", "outcome"],
+    )
+    for (target, outcome), counter in list(m._attempts.items()):
+        attempts.add_metric([target, str(outcome)], counter.value, created=counter.created)
+    yield attempts
+    retries = CounterMetricFamily(
+        "llm_sidecar_upstream_retries",
+        "Attempts made after a first one failed (retries and fallbacks).",
+    )
+    retries.add_metric([], m._retries.value, created=m._retries.created)
+    yield retries
+    refused = CounterMetricFamily(
+        "llm_sidecar_upstream_retries_refused",
+        "Retryable failures answered as they were, by reason"
+        " (attempts, budget, retry_after, draining).",
+        labels=["reason"],
+    )
+    _counters(refused, list(m._retries_refused.items()))
+    yield refused
+    ejections = CounterMetricFamily(
+        "llm_sidecar_upstream_ejections",
+        "Times a target was ejected for a cool-down after failing in a row.",
+        labels=["target"],
+    )
+    _counters(ejections, list(m._ejections.items()))
+    yield ejections
 
 
 def cache_metrics(cache: Cache) -> Iterator[Metric]:
@@ -181,6 +331,8 @@ def cache_metrics(cache: Cache) -> Iterator[Metric]:
                 yield GaugeMetricFamily(name, f"Cache {field.name} now.", value=value)
             else:
                 yield CounterMetricFamily(name, f"Cache {field.name} so far.", value=value)
+        elif isinstance(value, float):
+            yield GaugeMetricFamily(name, f"Cache {field.name} now.", value=value)
         elif isinstance(value, str):
             family = GaugeMetricFamily(name, f"Cache {field.name} (1: current).", labels=["state"])
             for state in _CACHE_STATES.get(field.name, (value,)):

@@ -125,6 +125,7 @@ class Observer:
                 "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
                 "bytes_in": bytes_in,
                 "bytes_out": bytes_out,
+                "attempts": None if stream is None else [a.log_fields() for a in stream.attempts],
             }
             access_log.info("request", extra={"fields": fields})
 

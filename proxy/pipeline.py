@@ -14,9 +14,17 @@ import asyncio
 
 from aiohttp import web
 
+from proxy.backpressure import send_whole
 from proxy.cluster.flight import start_flight
 from proxy.errors import ProxyError
-from proxy.intake import Intake, coalescible_intake, read_body, request_id_of, route_of
+from proxy.intake import (
+    Intake,
+    coalescible_intake,
+    confined,
+    read_body,
+    request_id_of,
+    route_of,
+)
 from proxy.pump import pump
 from proxy.relay import relay
 from proxy.reply import error_response, serve_answer
@@ -35,16 +43,17 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     if trail is not None:
         trail.request_id = request_id
     try:
+        request = confined(request)  # the one canonical path from here on, or a 400
         route = route_of(snapshot, request)
         if trail is not None:
             trail.route = route.index
         policy = snapshot.loaded.policy
         endpoint = route.endpoint(request.method, request.path)
         if endpoint is None:
-            return await relay(request, route, request_id, rt, policy.limits.max_body_bytes)
-        raw = await read_body(request, policy.limits.max_body_bytes)
+            return await relay(request, route, request_id, rt, policy.limits, policy.stream)
+        raw = await read_body(request, policy.limits)
         intake = coalescible_intake(request, route, endpoint, raw, request_id)
-        return await coalesce(request, intake, rt)
+        return await send_whole(request, await coalesce(request, intake, rt), policy.stream)
     except ProxyError as exc:
         return error_response(exc, request_id)
 
@@ -57,8 +66,10 @@ async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.Str
     settings = rt.snapshot.loaded.policy.stream
     cancel = intake.route.config.on_abandon == "cancel"
     # No await from here to the pump's start: this is the single-flight step.
+    plain = not intake.wants_stream
     stream, joined = rt.table.join_or_publish(
-        intake.key, lambda: Stream(intake.key, settings, cancel_on_abandon=cancel)
+        intake.key,
+        lambda: Stream(intake.key, settings, cancel_on_abandon=cancel, plain_call=plain),
     )
     if joined:
         return await follow(request, intake, stream, rt)

@@ -34,8 +34,14 @@ _LIST_OF: dict[str, tuple[str, str]] = {
     "methods": ("HTTP methods", "POST"),
     "ignore_fields": ("body field names", "stream, user"),
     "remove": ("header names", "X-Debug"),
+    "vary_headers": ("header names", "OpenAI-Organization"),
     "prepare": ("prepare steps", "{step: model_alias, aliases: {gpt-4: gpt-4o}}"),
     "routes": ("routes", '{match: {path: "/v1/*"}, upstream: openai}'),
+}
+# Keys that moved, by the model that had them: the unknown-key error says where to.
+_MOVED: dict[tuple[str, str], str] = {
+    ("Retry", name): f"ejection is per upstream: set upstreams.NAME.{name}"
+    for name in ("eject_after", "eject_for", "max_eject_for")
 }
 _LIST_ERRORS = frozenset({"tuple_type", "list_type", "iterable_type", "set_type"})
 _MAPPING_ERRORS = frozenset({"model_type", "model_attributes_type", "dict_type"})
@@ -139,6 +145,9 @@ def _unknown_key(root: type[BaseModel], loc: Loc) -> tuple[Problem, list[Loc]]:
     shown = _display_loc(root, loc)
     if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
         return Problem(shown, f"unknown key {key!r}"), []
+    moved = _MOVED.get((parent.__name__, key))
+    if moved is not None:
+        return Problem(shown, f"unknown key {key!r}; {moved}"), []
     valid = list(parent.model_fields)
     close = _closest(key, valid)
     return Problem(shown, _unknown_name("key", key, valid, close)), [

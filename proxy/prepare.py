@@ -114,8 +114,10 @@ class ClampMaxTokensStep:
         field = request.endpoint.max_tokens_field
         if field is None:
             return request
+        present = [name for name in _TOKEN_FIELDS if isinstance(request.body.get(name), int)]
+        if present and all(request.body[name] <= self.max for name in present):
+            return request  # unchanged: the caller's own bytes still go upstream
         body = dict(request.body)
-        present = [name for name in _TOKEN_FIELDS if isinstance(body.get(name), int)]
         for name in present:
             body[name] = min(body[name], self.max)
         if not present:

@@ -27,7 +27,7 @@ nothing broken behind:
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -36,6 +36,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.policy import RedisMode
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, with its slot map fetched before any command.
+
+    Left to itself, a fresh client routes its first commands before it has a
+    slot map (no default node yet, so a keyed command counts as keyless) and
+    sends them to a random master: a burst of them collects MOVED replies,
+    and every fifth MOVED closes every connection of the client, commands in
+    flight included. `initialize` is public, serialised by the client's own
+    lock, and a flag check once the map is there.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
@@ -71,7 +88,7 @@ def make_client(
         # The cluster client's per-node pool refuses (MaxConnectionsError, a
         # fault to the caller) past its bound instead of waiting, 100 by
         # default; the caller says how many calls it may have in flight.
-        return RedisCluster.from_url(
+        return _Cluster.from_url(
             url,
             password=password,
             decode_responses=False,

@@ -3,22 +3,38 @@
 Bodies stream both ways; an SSE response passes through chunk by chunk.
 Used for GET /v1/models, files, unknown endpoints and routes with
 `coalesce: false`.
+
+The upstream's bounds hold here too: the exchange ends at `max_duration`
+and the body at `max_response_bytes` (an SSE body with an error event, any
+other body cut). A caller whose socket does not drain within
+`write_timeout` is dropped, and the upstream connection with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
+from proxy.backpressure import drain_within, write_deadline
 from proxy.errors import BodyTooLarge, ProxyError, UpstreamBroken
 from proxy.headers import SERVED_BY, Served, downstream_response_headers
+from proxy.intake import body_chunks
+from proxy.policy import Limits, StreamSettings
 from proxy.routing import CompiledRoute
 from proxy.runtime import Runtime
 from proxy.trail import trail_of
-from proxy.upstream import open_upstream, read_chunks, upstream_url
+from proxy.upstream import (
+    check_declared_size,
+    deadline,
+    open_upstream,
+    read_chunks,
+    upstream_url,
+)
 
 
 def _too_large(limit: int) -> str:
@@ -26,25 +42,26 @@ def _too_large(limit: int) -> str:
 
 
 class _LimitedBody:
-    """The caller's body streamed upstream as it arrives, cut past `limit`.
+    """The caller's body streamed upstream as it arrives, under the intake's
+    limits (size, time, framing).
 
     aiohttp reports an exception raised while uploading as a connection
-    error; `exceeded` lets the relay answer 413 instead of 502.
+    error; `failure` lets the relay answer the caller's fault (413, 408,
+    400) instead of 502.
     """
 
-    def __init__(self, request: web.Request, limit: int) -> None:
+    def __init__(self, request: web.Request, limits: Limits) -> None:
         self._request = request
-        self._limit = limit
-        self.exceeded = False
+        self._limits = limits
+        self.failure: ProxyError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        total = 0
-        async for chunk in self._request.content.iter_any():
-            total += len(chunk)
-            if total > self._limit:
-                self.exceeded = True
-                raise BodyTooLarge(_too_large(self._limit))
-            yield chunk
+        try:
+            async for chunk in body_chunks(self._request, self._limits):
+                yield chunk
+        except ProxyError as exc:
+            self.failure = exc
+            raise
 
 
 async def relay(
@@ -52,12 +69,13 @@ async def relay(
     route: CompiledRoute,
     request_id: str,
     rt: Runtime,
-    limit: int,
+    limits: Limits,
+    settings: StreamSettings,
 ) -> web.StreamResponse:
     # The session is held until the response is relayed: a reload that
     # replaces the upstream closes it only after.
     with rt.pool.lease(route.upstream_name, route.upstream) as session:
-        return await _relay(request, route, request_id, rt, limit, session)
+        return await _relay(request, route, request_id, rt, limits, settings, session)
 
 
 async def _relay(
@@ -65,10 +83,13 @@ async def _relay(
     route: CompiledRoute,
     request_id: str,
     rt: Runtime,
-    limit: int,
+    limits: Limits,
+    settings: StreamSettings,
     session: aiohttp.ClientSession,
 ) -> web.StreamResponse:
     config = route.upstream
+    limit = limits.max_body_bytes
+    started = asyncio.get_running_loop().time()
     headers = route.upstream_headers(request.headers, request_id)
     body: _LimitedBody | None = None
     if request.body_exists:
@@ -76,18 +97,23 @@ async def _relay(
         if length is not None:
             if length > limit:
                 raise BodyTooLarge(_too_large(limit))
-            # Known length: the upstream gets it too, rather than a chunked upload.
-            headers["Content-Length"] = str(length)
-        body = _LimitedBody(request, limit)
-    url = upstream_url(config, request.path, request.query_string)
+            if request.headers.get("Content-Encoding", "identity").lower() == "identity":
+                # Known length: the upstream gets it too, rather than a chunked
+                # upload. (aiohttp decodes a compressed body, whose length is
+                # then another: an upstream told the wire length would wait.)
+                headers["Content-Length"] = str(length)
+        body = _LimitedBody(request, limits)
+    # Confined at intake: canonical, still encoded, and sent exactly so.
+    url = upstream_url(config, request.rel_url.raw_path, request.rel_url.raw_query_string)
     try:
-        upstream = await open_upstream(
-            session, config, request.method, url, headers, body.chunks() if body else None
-        )
+        async with deadline(config, started):
+            upstream = await open_upstream(
+                session, config, request.method, url, headers, body.chunks() if body else None
+            )
     except ProxyError as exc:
         rt.metrics.upstream_call(route.index, None)
-        if body is not None and body.exceeded:
-            raise BodyTooLarge(_too_large(limit)) from exc
+        if body is not None and body.failure is not None:
+            raise body.failure from exc
         raise
     rt.metrics.upstream_call(route.index, upstream.status)
     trail = trail_of(request)
@@ -95,6 +121,7 @@ async def _relay(
         trail.served, trail.upstream = Served.BYPASS, upstream.status
     clean = False
     try:
+        check_declared_size(upstream, config)  # before the head: the caller gets a 502
         out_headers = downstream_response_headers(upstream.headers)
         out_headers["X-Request-Id"] = request_id
         out_headers[SERVED_BY] = Served.BYPASS
@@ -102,22 +129,35 @@ async def _relay(
         is_sse = upstream.content_type == "text/event-stream"
         if upstream.content_length is not None and not is_sse:
             response.content_length = upstream.content_length
-        await response.prepare(request)
+        writer = await response.prepare(request)
+        assert isinstance(writer, StreamWriter)
+        transport = writer.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        high_water, write_timeout = settings.write_high_water, settings.write_timeout
+        transport.set_write_buffer_limits(high=high_water)
         if trail is not None:
             trail.first_byte_at = time.perf_counter()
         try:
-            async for chunk in read_chunks(upstream, config.idle_timeout):
-                await response.write(chunk)
-        except UpstreamBroken as exc:
+            async with deadline(config, started):
+                async for chunk in read_chunks(upstream, config):
+                    # No timer per chunk: only a full socket is waited on, bounded.
+                    await writer.write(chunk, drain=False)
+                    if transport.get_write_buffer_size() > high_water:
+                        await drain_within(writer, write_timeout)
+        except UpstreamBroken as exc:  # cut, idle, or past a bound
             if not is_sse:
                 # A cut body must look cut to the caller, not complete.
-                if request.transport is not None:
-                    request.transport.close()
+                transport.close()
                 return response
-            await response.write(exc.sse_event())
-        await response.write_eof()
+            async with write_deadline(transport, write_timeout):
+                await response.write(exc.sse_event())
+        async with write_deadline(transport, write_timeout):
+            await response.write_eof()
         clean = True
         return response
+    except ConnectionResetError:
+        return response  # the caller left or stopped reading: only this exchange ends
     finally:
         if trail is not None:
             trail.bytes_out = upstream.content.total_bytes  # what was read is what was sent

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy import logs
+from proxy.attempts import reconcile_targets
 from proxy.cache.factory import build_cache
 from proxy.cluster.link import RedisLink, settings_of
 from proxy.policy import LoadedPolicy, Policy, PolicyError, parse_policy
@@ -82,6 +83,7 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
+    reconcile_targets(rt, snapshot)
     rt.pool.retain(new.upstreams)  # sessions for replaced upstreams close once idle
     if cache is not None:
         # Lookups already in the old lane end as misses; its pending writes
@@ -104,13 +106,14 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
             on=cluster is not None,
             lease=None if cluster is None else cluster.lease,
         )
-    if old.listen != new.listen:
-        logs.event(
-            "reload kept old settings",
-            logging.WARNING,
-            section="listen",
-            reason="takes effect on restart",
-        )
+    for section in ("listen", "admin"):
+        if getattr(old, section) != getattr(new, section):
+            logs.event(
+                "reload kept old settings",
+                logging.WARNING,
+                section=section,
+                reason="takes effect on restart",
+            )
 
 
 def cache_settings(policy: Policy) -> dict[str, Any]:

@@ -21,6 +21,24 @@ from proxy.endpoint import Endpoint, endpoint_of
 from proxy.headers import Headers, upstream_request_headers
 from proxy.policy import LoadedPolicy, PolicyError, Route, Upstream
 from proxy.prepare import HookClient, MissingSecret, PrepareStep, Secret, build_step
+from proxy.retry import RetryRules
+from proxy.targets import Strategy, target_label
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTarget:
+    """One of a route's targets: where an attempt goes and what it changes."""
+
+    upstream_name: str
+    model: str | None
+    weight: float
+    upstream: Upstream
+    upstream_key: Secret | None  # from the upstream's api_key_env
+    label: str
+
+    @property
+    def id(self) -> tuple[str, str | None]:
+        return (self.upstream_name, self.model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +48,13 @@ class CompiledRoute:
     pattern: re.Pattern[str]
     methods: frozenset[str] | None
     steps: tuple[PrepareStep, ...]
+    # The first target's: what the key and the relay use, whichever target answers.
     upstream_name: str
     upstream: Upstream
     upstream_key: Secret | None  # from the upstream's api_key_env
+    targets: tuple[CompiledTarget, ...]
+    strategy: Strategy
+    retry: RetryRules
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -95,6 +117,17 @@ def compile_policy(
             except MissingSecret as exc:
                 problems.append((f"routes[{index}].prepare[{step_index}].env", str(exc)))
         methods = frozenset(m.upper() for m in route.match.methods) if route.match.methods else None
+        targets = tuple(
+            CompiledTarget(
+                t.upstream,
+                t.model,
+                t.weight,
+                policy.upstreams[t.upstream],
+                keys[t.upstream],
+                target_label(t.upstream, t.model),
+            )
+            for t in route.target_list
+        )
         routes.append(
             CompiledRoute(
                 index=index,
@@ -102,9 +135,17 @@ def compile_policy(
                 pattern=re.compile(fnmatch.translate(route.match.path)),
                 methods=methods,
                 steps=tuple(steps),
-                upstream_name=route.upstream,
-                upstream=policy.upstreams[route.upstream],
-                upstream_key=keys[route.upstream],
+                upstream_name=targets[0].upstream_name,
+                upstream=targets[0].upstream,
+                upstream_key=targets[0].upstream_key,
+                targets=targets,
+                strategy=route.strategy,
+                retry=RetryRules.compile(
+                    route.retry,
+                    len(targets),
+                    policy.stages.upstream.queue_timeout,
+                    given="retry" in route.model_fields_set,
+                ),
             )
         )
     problems.extend(cache_problems(policy, env))

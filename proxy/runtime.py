@@ -25,6 +25,7 @@ from proxy.errors import ShuttingDown, UpstreamBroken
 from proxy.limiter import StageEvent, StageLimiter
 from proxy.metrics import Metrics
 from proxy.policy import Stages
+from proxy.retry import RetryState
 from proxy.routing import Snapshot
 from proxy.stream import Stream
 from proxy.table import InflightTable
@@ -95,6 +96,8 @@ class Runtime:
     _id_counter: Iterator[int] = field(default_factory=itertools.count)
     # This app's own registry: tests and apps in one process never share one.
     metrics: Metrics = field(default_factory=Metrics)
+    # Retry budget, target ejections and the draws between targets.
+    retries: RetryState = field(default_factory=RetryState)
 
     def new_request_id(self) -> str:
         """A unique id: a random per-process prefix and a counter.

@@ -1,25 +1,36 @@
 """Operator endpoints: `/metrics` (Prometheus text) and `/status` (a live view).
 
 Neither touches the upstream or the cache backend: both read counters the
-process already keeps. `/status` shows a stream by the first 12 hex
-characters of its key only; keys are hashes, but the whole key would let a
-caller who knows a prompt confirm it is in flight.
+process already keeps. `/status` names a stream by an opaque id, a keyed
+hash of its key under a secret drawn when the process starts: stable while
+the stream lives, and no help to an outsider who guesses a prompt (a key
+prefix would be, since a key is computable from a prompt and a known or
+absent credential). Neither shows a key, a credential or the policy's path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import secrets
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy.attempts import targets_status
 from proxy.cache.base import Cache
 from proxy.cluster.report import status_of
 from proxy.runtime import RUNTIME
 
-KEY_PREFIX_CHARS = 12
+# Per process, never shown: what makes a stream's id opaque.
+_STREAM_ID_SECRET = secrets.token_bytes(32)
+
+
+def stream_id(key: str) -> str:
+    """The opaque id `/status` shows for the stream of `key`."""
+    return hashlib.blake2b(key.encode(), key=_STREAM_ID_SECRET, digest_size=8).hexdigest()
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -42,7 +53,7 @@ async def status_endpoint(request: web.Request) -> web.Response:
         }
     streams = [
         {
-            "key": stream.key[:KEY_PREFIX_CHARS],
+            "id": stream_id(stream.key),
             "state": stream.state,
             "readers": stream.readers,
             "events": len(stream.events),
@@ -54,13 +65,15 @@ async def status_endpoint(request: web.Request) -> web.Response:
         for stream in rt.table
     ]
     body: dict[str, Any] = {
-        "policy": {"version": rt.snapshot.version, "source": rt.snapshot.loaded.source},
+        "policy": {"version": rt.snapshot.version},
         "draining": rt.draining,
         "stages": stages,
         "streams": streams,
         "pumps": len(rt.pumps),
         "tasks": len(asyncio.all_tasks()),
         "cache": _cache_stats(rt.cache),
+        "targets": targets_status(rt),
+        "retries_in_flight": rt.retries.budget.in_flight,
         "cluster": status_of(rt),
     }
     return web.Response(

@@ -15,19 +15,20 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from multidict import CIMultiDict
 
+from proxy.convert import Assembly, PlainAnswer
 from proxy.errors import ProxyError
 from proxy.policy import StreamSettings
+from proxy.retry import Attempt
 from proxy.sse import chunk_frame
 
 
 @dataclass(frozen=True, slots=True)
 class LogEvent:
-    raw: bytes  # the event as the upstream framed it
-    data: Any  # parsed JSON payload, or None ([DONE], non-JSON)
+    raw: bytes  # the event as the upstream framed it (never parsed to be logged)
     usage_only: bool = False  # the include_usage chunk: only readers who asked get it
 
 
@@ -107,19 +108,30 @@ class Stream:
     key: str
     settings: StreamSettings
     cancel_on_abandon: bool
+    # The leader asked for a plain answer: no event comes before the whole of it.
+    plain_call: bool = False
     head: asyncio.Future[Head] = field(init=False)
     finished: asyncio.Future[None] = field(init=False)
     events: list[LogEvent] = field(default_factory=list)
     size: int = 0
     state: State = "pending"
     error: ProxyError | None = None  # set when the stream ended abnormally
-    complete: bool = False  # a whole, cacheable answer arrived
+    complete: bool = False  # the whole answer arrived (cacheable if also `whole`, see write)
     readers: int = 0  # attached readers; the last one leaving may cancel
     abandoned: bool = False  # every reader left and the policy cancelled the call
-    assembled: bytes | None = None  # the non-stream JSON, built once at the end
+    # The answer for readers of the other mode, converted on first use, once
+    # for all of them; set by the pump when the answer is whole. A streamed
+    # answer has `assembly` (its non-stream object), a plain one `plain`
+    # (its body, and its events).
+    assembly: Assembly | None = None
+    plain: PlainAnswer | None = None
     pump: asyncio.Task[None] | None = None  # set once, by the runtime that owns the task
     created_at: float = 0.0
     first_event_at: float | None = None  # perf_counter at the first append, for TTFB
+    attempts: list[Attempt] = field(default_factory=list)  # the pump's tries, before the head
+    # The proxy retried, or refused a retry it would otherwise make: its
+    # failed answer tells the caller's SDK not to retry on top.
+    retries_spent: bool = False
     role: Role = "local"  # set by the cross-replica flight before the head
     mirrors: int = 0  # an owned stream: replicas mirroring it, as of the lease's last renewal
     sink: StreamSink | None = None  # set once, before the producer's first step
@@ -137,6 +149,9 @@ class Stream:
         if self.sink is not None:
             self.sink.opened(head)
         self.state = "open"
+        if head.body is not None:
+            # A whole body is a plain call's log: it counts toward the join cap.
+            self.size += len(head.body)
         if not self.head.done():
             self.head.set_result(head)
 
@@ -196,7 +211,7 @@ class Stream:
             sink, self.sink = self.sink, None  # told once, as a failure: not as events
             if sink is not None:
                 sink.failed(error)
-            self.append([LogEvent(error.sse_event(), None)])
+            self.append([LogEvent(error.sse_event())])
             self.end(complete=False, error=error)
 
     def end(self, *, complete: bool, error: ProxyError | None = None) -> None:

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
-from proxy.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    BadPath,
+    UpstreamBroken,
+    UpstreamIdle,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+    UpstreamTooLong,
+    UpstreamUnavailable,
+)
+from proxy.paths import PathRejected, confine
 from proxy.policy import Upstream
 
 
@@ -90,19 +101,34 @@ class UpstreamPool:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def upstream_url(config: Upstream, path: str, query: str) -> str:
-    """Map `/v1/...` onto the upstream's base URL (which ends in its own /v1)."""
-    base = config.base_url.rstrip("/")
-    tail = path[3:] if path.startswith("/v1/") or path == "/v1" else path
-    url = base + tail
-    return f"{url}?{query}" if query else url
+@functools.lru_cache(maxsize=64)
+def _base(base_url: str) -> str:
+    # Normalised once per configured URL, so the per-request URL can be built
+    # pre-encoded, and sent exactly as built.
+    return str(URL(base_url)).rstrip("/")
+
+
+def upstream_url(config: Upstream, path: str, query: str) -> URL:
+    """Map `/v1/...` onto the upstream's base URL (which ends in its own /v1).
+
+    `path` must be canonical (`proxy.paths`, done at intake) and `query` raw:
+    the URL is built encoded, so no normaliser between here and the socket
+    can resolve what intake did not. The path is checked once more, since it
+    may have come through a prepare step; a refusal is a 400.
+    """
+    try:
+        path = confine(path)
+    except PathRejected as exc:
+        raise BadPath(f"llm-sidecar: the request path is not allowed: {exc}") from exc
+    url = _base(config.base_url) + path[3:]
+    return URL(f"{url}?{query}" if query else url, encoded=True)
 
 
 async def open_upstream(
     session: aiohttp.ClientSession,
     config: Upstream,
     method: str,
-    url: str,
+    url: URL,
     headers: CIMultiDict[str],
     data: bytes | AsyncIterator[bytes] | None,
 ) -> aiohttp.ClientResponse:
@@ -160,20 +186,60 @@ class _IdleWatch:
             self._handle = None
 
 
-async def read_chunks(
-    response: aiohttp.ClientResponse, idle_timeout: float
-) -> AsyncIterator[bytes]:
-    """The response body as it arrives; a gap past `idle_timeout` or a cut is UpstreamBroken."""
+@contextlib.asynccontextmanager
+async def deadline(config: Upstream, started: float | None = None) -> AsyncIterator[None]:
+    """Bound one upstream exchange, request to last byte, by `max_duration`
+    from `started` (the loop's clock; now when None).
+
+    One timer per call, not per read. Past it the work inside is cancelled
+    (whoever holds the response closes it) and UpstreamTooLong is raised.
+    """
+    start = asyncio.get_running_loop().time() if started is None else started
+    timeout = asyncio.timeout_at(start + config.max_duration)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise
+        raise UpstreamTooLong(
+            f"llm-sidecar: the upstream response took longer than {config.max_duration:g}s"
+        ) from exc
+
+
+def check_declared_size(response: aiohttp.ClientResponse, config: Upstream) -> None:
+    """Refuse, before reading any of it, a body declared over `max_response_bytes`."""
+    declared = response.content_length
+    if declared is not None and declared > config.max_response_bytes:
+        raise _too_large(config)
+
+
+def _too_large(config: Upstream) -> UpstreamTooLarge:
+    return UpstreamTooLarge(
+        f"llm-sidecar: the upstream response is over {config.max_response_bytes} bytes"
+    )
+
+
+async def read_chunks(response: aiohttp.ClientResponse, config: Upstream) -> AsyncIterator[bytes]:
+    """The response body as it arrives.
+
+    A gap past `idle_timeout` or a cut is UpstreamBroken; a body past
+    `max_response_bytes` (declared or read) is UpstreamTooLarge, raised
+    before the chunk that would pass it is yielded.
+    """
+    idle_timeout, limit = config.idle_timeout, config.max_response_bytes
+    check_declared_size(response, config)
     content = response.content
     loop = asyncio.get_running_loop()
     watch = _IdleWatch(content, idle_timeout)
+    total = 0
     try:
         while True:
             watch.waiting_since = loop.time()
             try:
                 chunk = await content.readany()
             except _Idle as exc:
-                raise UpstreamBroken(
+                raise UpstreamIdle(
                     f"llm-sidecar: the upstream stream was idle for more than {idle_timeout:g}s"
                 ) from exc
             except (aiohttp.ClientError, OSError) as exc:
@@ -183,6 +249,9 @@ async def read_chunks(
             watch.waiting_since = None
             if not chunk:
                 return
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(config)
             yield chunk
     finally:
         watch.stop()

@@ -71,6 +71,18 @@ async def fake() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
+async def backup() -> AsyncIterator[FakeUpstream]:
+    """A second fake upstream, for routes with more than one target."""
+    upstream = FakeUpstream()
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        upstream.release.set()
+        await upstream.close()
+
+
+@pytest.fixture
 async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
     runners: list[web.AppRunner] = []
     upstream_url = f"http://127.0.0.1:{fake.port}/v1"

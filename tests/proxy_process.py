@@ -69,10 +69,16 @@ class ProxyProcess:
     policy_path: Path
     log_path: Path
     session: aiohttp.ClientSession
+    admin_port: int | None = None  # the policy's admin listener, when it has one
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """Where /healthz, /readyz, /metrics and /status answer."""
+        return self.url if self.admin_port is None else f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def api(self) -> str:
@@ -87,7 +93,7 @@ class ProxyProcess:
                 if self.proc.returncode is not None:
                     raise AssertionError(f"the proxy exited: {self.log_path.read_text()}")
                 try:
-                    async with self.session.get(f"{self.url}/readyz") as response:
+                    async with self.session.get(f"{self.ops_url}/readyz") as response:
                         if response.status == 200:
                             return
                 except aiohttp.ClientConnectionError:
@@ -99,7 +105,8 @@ class ProxyProcess:
             return await self.proc.wait()
 
     async def get(self, path: str) -> tuple[int, bytes]:
-        async with self.session.get(f"{self.url}{path}") as response:
+        """GET an operator endpoint."""
+        async with self.session.get(f"{self.ops_url}{path}") as response:
             return response.status, await response.read()
 
     async def metrics(self) -> Samples:
@@ -178,8 +185,10 @@ async def run_proxy(
             cwd=REPO,
         )
     try:
+        admin = policy.get("admin")
+        admin_port = admin.get("port") if isinstance(admin, dict) else None
         async with aiohttp.ClientSession() as session:
-            yield ProxyProcess(proc, port, policy_path, log_path, session)
+            yield ProxyProcess(proc, port, policy_path, log_path, session, admin_port)
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -6,6 +6,7 @@ Redis tests run against a real redis-server (the `redis_server` fixture).
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -100,6 +101,16 @@ def test_codec_refuses_every_truncation_and_every_flipped_byte() -> None:
         damaged[at] ^= 0x5A
         assert codec.decode(bytes(damaged)) is None, at
     assert codec.decode(record + b"\x00") is None
+
+
+def test_codec_reads_version_1_records_whose_meaning_did_not_change() -> None:
+    for answer in (SSE, JSON):
+        record = bytearray(codec.encode(answer))
+        record[len(codec.MAGIC)] = 1
+        crc_at = len(codec.MAGIC) + 1 + codec._HEADER.size
+        crc = zlib.crc32(record[crc_at + 4 :], zlib.crc32(record[:crc_at]))
+        record[crc_at : crc_at + 4] = crc.to_bytes(4, "big")
+        assert codec.decode(bytes(record)) == answer
 
 
 def test_codec_refuses_other_versions_and_foreign_json() -> None:

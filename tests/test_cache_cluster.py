@@ -19,18 +19,20 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from proxy.cache.breaker import CircuitBreaker
+from proxy.cache.factory import build_cache
 from proxy.cache.lane import CacheLane
 from proxy.cache.redis import RedisBackend
 from proxy.redis_names import redis_name
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import StartProxy, post, until, wait_idle
 from tests.redis_cluster import RedisClusterNodes
-from tests.test_cache_lane import ANSWER, FakeClock, timed_lookup
+from tests.test_cache_lane import ANSWER, FakeClock, policy_of, timed_lookup
 
 PREFIX = "llm-sidecar:"
 
@@ -122,11 +124,38 @@ async def test_proxy_hit_after_write_on_a_cluster(
     await wait_idle(proxy.runtime)
 
 
+async def test_the_local_tier_fetches_the_tagged_entry_then_answers_repeats_alone(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """Another sidecar's answer is read under its hash-tagged name (GET and
+    PTTL in one pipeline to its slot's master), then kept in-process."""
+    key = _key(1)
+    writer = _backend(redis_cluster)
+    try:
+        async with asyncio.timeout(10):
+            await writer.set(key, ANSWER, 60)
+    finally:
+        await writer.close()
+    # The first call of a cluster client also fetches the slot map: 2 s, not 200 ms.
+    cache = {"backend": "redis", "mode": "cluster", "url": redis_cluster.url, "timeout": "2s"}
+    lane = build_cache(policy_of({**cache, "key_prefix": PREFIX}), {})
+    try:
+        async with asyncio.timeout(10):
+            assert await lane.lookup(key) == ANSWER
+            assert await lane.lookup(key) == ANSWER
+        stats = lane.stats()
+        assert (stats.hits, stats.local_hits, stats.misses, stats.errors) == (2, 1, 0, 0)
+    finally:
+        await lane.close()
+
+
 async def test_killed_node_costs_misses_never_failures(
     fake: FakeUpstream, start_proxy: StartProxy, redis_cluster: RedisClusterNodes
 ) -> None:
     prompts = 30
-    proxy = await start_proxy(_policy(redis_cluster))
+    # Without the local tier, which would answer every repeat from this
+    # sidecar's own memory: what is measured is a read that reaches the cluster.
+    proxy = await start_proxy(_policy(redis_cluster, local_tier=None))
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session, asyncio.timeout(60):
         before = [await post(session, url, _chat(n)) for n in range(prompts)]
@@ -149,6 +178,22 @@ async def test_killed_node_costs_misses_never_failures(
     stats = proxy.runtime.cache.stats()
     assert stats is not None and stats.errors + stats.timeouts >= 1
     await wait_idle(proxy.runtime)
+
+
+async def test_a_burst_of_first_calls_all_succeed(redis_cluster: RedisClusterNodes) -> None:
+    """A fresh client's first calls (a sidecar's first requests) arrive in a
+    burst: they must be routed by the slot map, not sent to random masters,
+    whose MOVED replies once made redis-py close every connection and fail
+    calls that had nothing wrong with them."""
+    keys = [_key(n) for n in range(32)]
+    for _ in range(3):
+        backend = _backend(redis_cluster, timeout=5.0)
+        try:
+            async with asyncio.timeout(20):
+                await asyncio.gather(*(backend.set(key, ANSWER, 60) for key in keys))
+                assert await asyncio.gather(*map(backend.get, keys)) == [ANSWER] * len(keys)
+        finally:
+            await backend.close()
 
 
 async def test_hung_node_costs_the_timeout_then_the_breaker_opens(
@@ -253,3 +298,42 @@ async def test_one_script_writes_an_entry_a_claim_and_a_stream_on_a_cluster(
                 await node.aclose()
     finally:
         await client.aclose()
+
+
+async def test_cluster_password_from_the_environment(redis_cluster: RedisClusterNodes) -> None:
+    """The policy's password_env reaches every node's connection (each node
+    authenticates its own clients); without it every lookup is a miss, counted."""
+    cache = {
+        "backend": "redis",
+        "mode": "cluster",
+        "url": redis_cluster.url,
+        "password_env": "LLM_TEST_CLUSTER_PW",
+        # The first call of a cluster client also fetches the slot map and
+        # the command table; this test is about credentials, not that time.
+        "timeout": "2s",
+    }
+    for index in range(3):
+        with redis_cluster.client(index) as node:
+            node.config_set("requirepass", "s3cret")
+    try:
+        lane = build_cache(policy_of(cache), {"LLM_TEST_CLUSTER_PW": "s3cret"})
+        wrong = build_cache(policy_of(cache), {"LLM_TEST_CLUSTER_PW": "wrong"})
+        try:
+            keys = [_key(n) for n in range(8)]  # within the lane's write bound (10)
+            for key in keys:
+                lane.store(key, ANSWER, 60)
+            async with asyncio.timeout(5):
+                await lane.flush()
+            assert lane.stats().store_ok == len(keys)
+            for key in keys:
+                assert await timed_lookup(lane, key) == ANSWER
+            assert await timed_lookup(wrong, keys[0]) is None
+            assert wrong.stats().errors == 1
+        finally:
+            await lane.close()
+            await wrong.close()
+    finally:
+        for index in range(3):
+            port = redis_cluster.nodes[index].port
+            with SyncRedis(port=port, password="s3cret", socket_timeout=5) as node:
+                node.config_set("requirepass", "")

@@ -490,3 +490,99 @@ def test_breaker_ignores_late_outcomes_of_calls_from_before_it_opened() -> None:
     assert breaker.allow() is None
     breaker.record(probe, True)
     assert breaker.state == "closed"
+
+
+def _answer_of(size: int) -> CachedAnswer:
+    return CachedAnswer(
+        status=200,
+        content_type="application/json",
+        is_sse=False,
+        events=(),
+        usage_event=None,
+        body=b"x" * size,
+        stored_at=1_700_000_000.0,
+    )
+
+
+@pytest.mark.parametrize("backend_name", ["memory", "redis"])
+async def test_an_answer_over_max_entry_bytes_is_not_written(
+    backend_name: str, request: pytest.FixtureRequest
+) -> None:
+    cache: dict[str, Any] = {"max_entry_bytes": "64KiB", "timeout": "1s"}
+    if backend_name == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        cache.update(backend="redis", url=server.url)
+    lane = build_cache(policy_of(cache), {})
+    try:
+        lane.store("big", _answer_of(64 * 1024 + 1), 60)
+        lane.store("fits", _answer_of(64 * 1024), 60)
+        async with asyncio.timeout(5):
+            await lane.flush()
+        assert await timed_lookup(lane, "big") is None
+        assert await timed_lookup(lane, "fits") == _answer_of(64 * 1024)
+        stats = lane.stats()
+        assert (stats.store_oversize, stats.store_ok, stats.store_errors) == (1, 1, 0)
+    finally:
+        await lane.close()
+
+
+async def test_slow_writes_never_open_the_breaker() -> None:
+    # Writes that cannot finish in time (as a huge answer would not) are
+    # counted, and their connection dropped, but the backend is not judged
+    # sick for them: lookups keep going to it.
+    backend = GatedBackend()
+    lane = CacheLane(backend, 1, 4, 0.05, CircuitBreaker(3, 60.0), max_writes=8)
+    try:
+        writes = [lane.store(f"k{n}", ANSWER, 60) for n in range(3)]
+        async with asyncio.timeout(5):
+            await asyncio.wait([w for w in writes if w is not None])
+        stats = lane.stats()
+        assert (stats.store_timeouts, stats.store_errors, stats.store_ok) == (3, 3, 0)
+        assert lane.breaker.state == "closed" and stats.breaker_opened == 0
+        backend.gate.set()
+        backend.data["k"] = ANSWER
+        assert await timed_lookup(lane, "k") == ANSWER
+    finally:
+        await lane.close()
+
+
+async def until_asleep(server: RedisServer) -> None:
+    """Until the server stops answering (DEBUG SLEEP has begun)."""
+    probe = Redis.from_url(server.url, socket_timeout=0.05)
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    await probe.ping()
+                except Exception:
+                    return
+    finally:
+        await probe.aclose()
+
+
+async def test_hung_redis_writes_leave_the_breaker_closed(redis_server: RedisServer) -> None:
+    lane = redis_lane(redis_server, timeout=0.1, breaker=CircuitBreaker(2, 60.0))
+    admin = Redis.from_url(redis_server.url)
+    sleeper: asyncio.Task[Any] | None = None
+    try:
+        sleep = admin.execute_command("DEBUG", "SLEEP", "1")
+        sleeper = asyncio.create_task(sleep)
+        await until_asleep(redis_server)  # a write before that would just succeed
+        for n in range(3):
+            lane.store(f"w{n}", ANSWER, 60)
+        async with asyncio.timeout(5):
+            await lane.flush()
+        assert lane.stats().store_errors == lane.stats().store_timeouts >= 1
+        assert lane.breaker.state == "closed"
+        async with asyncio.timeout(5):
+            await sleeper
+        lane.store("after", ANSWER, 60)
+        async with asyncio.timeout(5):
+            await lane.flush()
+        assert await timed_lookup(lane, "after") == ANSWER
+    finally:
+        if sleeper is not None:
+            sleeper.cancel()
+            await asyncio.gather(sleeper, return_exceptions=True)
+        await admin.aclose()
+        await lane.close()

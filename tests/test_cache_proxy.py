@@ -16,16 +16,21 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.cache.base import CachedAnswer
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import RunningProxy, StartProxy, post, wait_idle
+from tests.conftest import Hook, RunningProxy, StartProxy, post, until, wait_idle
 from tests.redis_server import RedisServer
 from tests.stage_recorder import record_stages
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "cache me"}]}
+ANSWER = b'{"id":"landed","object":"chat.completion","choices":[]}'
 
 
 def _policy(
-    backend: str, redis: RedisServer | None = None, only_deterministic: bool = False
+    backend: str,
+    redis: RedisServer | None = None,
+    only_deterministic: bool = False,
+    local_tier: bool = True,
 ) -> dict[str, Any]:
     cache: dict[str, Any] = {
         "backend": backend,
@@ -34,6 +39,9 @@ def _policy(
     }
     if redis is not None:
         cache["url"] = f"redis://127.0.0.1:{redis.port}/0"
+    if not local_tier:
+        # Tests of what Redis itself does: no in-process copy answering instead.
+        cache["local_tier"] = None
     return {
         "cache": cache,
         "routes": [
@@ -242,7 +250,7 @@ def _prompt(text: str) -> dict[str, Any]:
 async def test_redis_outage_fails_no_request(
     fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
 ) -> None:
-    proxy = await start_proxy(_policy("redis", redis_server))
+    proxy = await start_proxy(_policy("redis", redis_server, local_tier=False))
     cache: Any = proxy.runtime.cache
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
@@ -304,7 +312,7 @@ async def test_no_second_call_while_the_answer_is_being_written(
     # Redis writes land after the readers are answered. Hold them back with
     # CLIENT PAUSE (reads still go through): a finished stream must stay
     # joinable until its write lands, so a repeat never calls the upstream.
-    policy = _policy("redis", redis_server)
+    policy = _policy("redis", redis_server, local_tier=False)
     policy["cache"]["timeout"] = "2s"
     proxy = await start_proxy(policy)
     url = f"{proxy.base_url}/chat/completions"
@@ -331,7 +339,7 @@ async def test_redis_down_at_start_up_costs_nothing_but_misses(
     fake: FakeUpstream, start_proxy: StartProxy, redis_server: RedisServer
 ) -> None:
     redis_server.kill()  # nothing listens on its port now
-    proxy = await start_proxy(_policy("redis", redis_server))
+    proxy = await start_proxy(_policy("redis", redis_server, local_tier=False))
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{proxy.port}/readyz") as ready:
             assert ready.status == 200
@@ -341,3 +349,43 @@ async def test_redis_down_at_start_up_costs_nothing_but_misses(
     assert [r[0] for r in results] == [200, 200, 200]
     assert [r[1]["x-llm-sidecar"] for r in results] == ["lead"] * 3
     await wait_idle(proxy.runtime)
+
+
+async def test_a_fresh_miss_looks_the_cache_up_once(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_policy("memory"))
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, f"{proxy.base_url}/chat/completions", CHAT)
+    assert status == 200 and headers["x-llm-sidecar"] == "lead"
+    stats = proxy.runtime.cache.stats()
+    # The leader took its slot without queueing: nothing could have landed since the miss.
+    assert stats is not None and (stats.hits, stats.misses) == (0, 1)
+    await wait_idle(proxy.runtime)
+
+
+async def test_a_leader_that_queued_finds_an_answer_that_landed_meanwhile(
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
+) -> None:
+    policy = _policy("memory")
+    policy["routes"][0]["prepare"] = [{"step": "http_hook", "url": hook.url}]
+    policy["stages"] = {"leader": {"max_concurrency": 1, "max_queue": 10, "queue_timeout": "10s"}}
+    proxy = await start_proxy(policy)
+    rt = proxy.runtime
+    url = f"{proxy.base_url}/chat/completions"
+    hook.gate = asyncio.Event()  # the first leader holds the only leader slot in its hook
+    other = {**CHAT, "messages": [{"role": "user", "content": "another prompt"}]}
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(post(session, url, other))
+        await until(lambda: hook.calls == 1)
+        busy = {s.key for s in rt.table}
+        queued = asyncio.create_task(post(session, url, CHAT))
+        await until(lambda: rt.stages.leader.stats().queued == 1)
+        (key,) = {s.key for s in rt.table} - busy
+        landed = CachedAnswer(200, "application/json", False, (), None, ANSWER, time.time())
+        rt.cache.store(key, landed, 3600)
+        hook.gate.set()
+        (status, headers, body), _ = await asyncio.gather(queued, first)
+    assert status == 200 and body == ANSWER and headers["x-llm-sidecar"] == "lead"
+    assert fake.calls_for(CHAT) == 0 and hook.calls == 1
+    await wait_idle(rt)

@@ -46,13 +46,24 @@ def _every_split(stream: bytes) -> list[list[bytes]]:
     ]
 
 
+def _typed(payload: dict[str, object]) -> bytes:
+    return b"event: " + str(payload["type"]).encode() + b"\n" + _sse(payload)
+
+
+def _summary(outcome: Outcome) -> tuple[Ending, bytes | None, bool | None]:
+    assembly = outcome.assembly
+    if assembly is None:
+        return outcome.ending, None, None
+    return outcome.ending, assembly.body(), assembly.whole()
+
+
 @pytest.mark.parametrize(
-    ("endpoint", "stream", "ending"),
+    ("endpoint", "stream", "ending", "whole"),
     [
-        (CHAT, CHAT_WHOLE, Ending.COMPLETE),
-        (CHAT, _sse(_chunk("Hel"), _chunk("lo"), b"[DONE]"), Ending.INCOMPLETE),
-        (CHAT, _sse(_chunk("Hel"), _chunk("lo", "stop")), Ending.TRUNCATED),
-        (CHAT, _sse(_chunk("Hel"), {"error": {"message": "boom"}}), Ending.UPSTREAM_ERROR),
+        (CHAT, CHAT_WHOLE, Ending.COMPLETE, True),
+        (CHAT, _sse(_chunk("Hel"), _chunk("lo"), b"[DONE]"), Ending.COMPLETE, False),
+        (CHAT, _sse(_chunk("Hel"), _chunk("lo", "stop")), Ending.TRUNCATED, None),
+        (CHAT, _sse(_chunk("Hel"), {"error": {"message": "boom"}}), Ending.UPSTREAM_ERROR, None),
         (
             RESPONSES,
             _sse(
@@ -60,43 +71,74 @@ def _every_split(stream: bytes) -> list[list[bytes]]:
                 {"type": "response.completed", "response": {"id": "r", "status": "completed"}},
             ),
             Ending.COMPLETE,
+            True,
+        ),
+        (
+            RESPONSES,
+            _typed({"type": "response.created", "response": {"status": "in_progress"}})
+            + _typed(
+                {"type": "response.completed", "response": {"id": "r", "status": "completed"}}
+            ),
+            Ending.COMPLETE,
+            True,
         ),
         (
             RESPONSES,
             _sse({"type": "response.incomplete", "response": {"id": "r", "status": "incomplete"}}),
-            Ending.INCOMPLETE,
+            Ending.COMPLETE,
+            False,
         ),
-        (RESPONSES, _sse({"type": "response.created"}, b"[DONE]"), Ending.TRUNCATED),
-        (EMBEDDINGS, _sse({"data": []}, b"[DONE]"), Ending.COMPLETE),
+        (RESPONSES, _sse({"type": "response.created"}, b"[DONE]"), Ending.TRUNCATED, None),
+        (EMBEDDINGS, _sse({"data": []}, b"[DONE]"), Ending.COMPLETE, True),
     ],
 )
 def test_outcome_is_the_same_at_every_byte_split(
-    endpoint: Endpoint, stream: bytes, ending: Ending
+    endpoint: Endpoint, stream: bytes, ending: Ending, whole: bool | None
 ) -> None:
-    whole_events, whole = _classify(endpoint, [stream])
-    assert whole.ending is ending
+    whole_events, outcome = _classify(endpoint, [stream])
+    expected = _summary(outcome)
+    assert expected[0] is ending and expected[2] is whole
     for parts in _every_split(stream):
         events, outcome = _classify(endpoint, parts)
-        assert outcome == whole
+        assert _summary(outcome) == expected
         assert events == whole_events
         assert b"".join(e.raw for e in events) == stream
 
 
-def test_chat_events_are_logged_parsed_with_the_usage_chunk_marked() -> None:
+def test_chat_events_are_logged_with_the_usage_chunk_marked() -> None:
     events, outcome = _classify(CHAT, [CHAT_WHOLE])
     assert [e.usage_only for e in events] == [False, False, True, False]
-    assert events[-1].data is None  # [DONE] is not JSON
-    assert outcome.assembled is not None
-    body = orjson.loads(outcome.assembled)
+    assert outcome.assembly is not None
+    body = orjson.loads(outcome.assembly.body() or b"null")
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"] == "Hello"
     assert body["usage"] == {"total_tokens": 3}
 
 
+def test_a_usage_chunk_is_found_whatever_its_spacing() -> None:
+    spaced = b'{"id": "c1", "choices" : [ ], "usage": {"total_tokens": 3}}'
+    events, _ = _classify(CHAT, [_sse(_chunk("Hi", "stop"), spaced, b"[DONE]")])
+    assert [e.usage_only for e in events] == [False, True, False]
+    # Not a usage chunk: no usage, or choices that are not empty.
+    events, _ = _classify(CHAT, [_sse({"choices": [], "usage": None}, b"[DONE]")])
+    assert [e.usage_only for e in events] == [False, False]
+
+
+def test_a_stream_ends_on_its_marker_whatever_its_data() -> None:
+    # Not JSON, but ended by [DONE]: logging and ending never parse the data.
+    decoder = SSEDecoder()
+    classifier = EventClassifier(CHAT)
+    for event in decoder.feed(b"data: {not json\n\ndata: [DONE]\n\n"):
+        classifier.feed(event)
+    outcome = classifier.finish()
+    assert outcome.ending is Ending.COMPLETE and outcome.assembly is not None
+    assert outcome.assembly.whole() is False  # parsed now: nothing in it finished
+
+
 def test_a_responses_stream_assembles_to_its_terminal_object() -> None:
     final = {"id": "r", "status": "completed", "output": []}
     _, outcome = _classify(RESPONSES, [_sse({"type": "response.completed", "response": final})])
-    assert outcome == Outcome(Ending.COMPLETE, orjson.dumps(final))
+    assert _summary(outcome) == (Ending.COMPLETE, orjson.dumps(final), True)
 
 
 def test_an_upstream_error_is_never_assembled() -> None:
@@ -120,12 +162,32 @@ def test_endpoint_of(method: str, path: str, endpoint: Endpoint | None) -> None:
     assert endpoint_of(method, path) is endpoint
 
 
-def test_upstream_body_asks_for_a_stream_with_usage_only_where_the_endpoint_says() -> None:
-    body = {"model": "m", "stream_options": {"x": 1}}
-    assert CHAT.upstream_body(body) == {
-        "model": "m",
-        "stream": True,
+BIG = 2**70  # past 64 bits: parsed, it would come back a float
+
+
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS])
+def test_a_plain_call_goes_upstream_as_the_callers_bytes(endpoint: Endpoint) -> None:
+    raw = b'{"model": "m", "seed": %d, "stream": false}' % BIG
+    assert endpoint.upstream_bytes(orjson.loads(raw), raw, wants_stream=False) is raw
+
+
+def test_a_streamed_call_asks_for_usage_only_where_the_endpoint_says() -> None:
+    raw = b' {"model": "m", "seed": %d, "stream": true}' % BIG
+    body = orjson.loads(raw)
+    sent = CHAT.upstream_bytes(body, raw, wants_stream=True)
+    assert b"%d" % BIG in sent  # spliced in, not re-serialised
+    assert orjson.loads(sent) == {**body, "stream_options": {"include_usage": True}}
+    assert COMPLETIONS.upstream_bytes(body, raw, wants_stream=True) == sent
+    assert RESPONSES.upstream_bytes(body, raw, wants_stream=True) is raw
+    asked = b'{"stream": true, "stream_options": {"include_usage": true}}'
+    assert CHAT.upstream_bytes(orjson.loads(asked), asked, wants_stream=True) is asked
+    other = {"model": "m", "stream": True, "stream_options": {"x": 1}}
+    assert orjson.loads(CHAT.upstream_bytes(other, orjson.dumps(other), wants_stream=True)) == {
+        **other,
         "stream_options": {"x": 1, "include_usage": True},
     }
-    assert RESPONSES.upstream_body(body) == {**body, "stream": True}
-    assert EMBEDDINGS.upstream_body(body) is body
+    null = {"model": "m", "stream": True, "stream_options": None}
+    assert orjson.loads(CHAT.upstream_bytes(null, orjson.dumps(null), wants_stream=True)) == {
+        **null,
+        "stream_options": {"include_usage": True},
+    }

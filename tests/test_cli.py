@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -66,3 +70,25 @@ def test_readme_documents_every_fake_upstream_knob() -> None:
                 assert f"`{flag}" in README, flag
     for header in header_knobs():
         assert f"`{header}`" in README, header
+
+
+def test_every_knob_header_the_readme_names_is_honoured() -> None:
+    named = set(re.findall(r"`(x-fake-[a-z-]+)`", README))
+    assert named and named <= set(header_knobs()), named - set(header_knobs())
+
+
+@pytest.mark.parametrize("command", ["serve", "fake-upstream"])
+def test_a_busy_port_is_one_plain_error_line_and_exit_2(command: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", command, "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: address already in use\n"

@@ -67,7 +67,7 @@ async def test_two_claims_racing_200_times_have_one_winner(
     one, two, _ = links
     for index in range(200):
         names = one.names(f"race-{index}")
-        first, second = await asyncio.gather(one.claim(names), two.claim(names))
+        first, second = await asyncio.gather(one.claim(names, False), two.claim(names, False))
         assert first is not None and second is not None
         assert first.won != second.won
         # The loser learns the winner's token: the name of the log it will read.
@@ -79,14 +79,14 @@ async def test_renew_and_release_act_only_for_the_token_holder(
 ) -> None:
     one, two, client = links
     names = one.names("held")
-    claim = await one.claim(names)
+    claim = await one.claim(names, False)
     assert claim is not None and claim.won and claim.token is not None
     stranger = "0123456789abcdef"
     assert await two.leases.renew(names, stranger) is None
     assert not await two.leases.release(names, stranger)
     assert await client.get(names.lease) == claim.token.encode()
     assert await one.leases.renew(names, claim.token) == 0  # no replica mirrors it
-    lost = await two.claim(names)
+    lost = await two.claim(names, False)
     assert lost is not None and not lost.won
     assert await one.leases.renew(names, claim.token) == 1  # one does now
     assert 900 < await client.pttl(names.lease) <= 1000
@@ -102,14 +102,14 @@ async def _written(writer: LogWriter, pump: asyncio.Task[None]) -> None:
 async def test_a_fenced_writer_appends_nothing(links: tuple[RedisLink, RedisLink, Redis]) -> None:
     one, two, client = links
     names = one.names("fenced")
-    stale = await one.claim(names)
+    stale = await one.claim(names, False)
     assert stale is not None and stale.token is not None
     await client.delete(names.lease)  # its lease lapsed...
-    fresh = await two.claim(names)  # ...and another replica owns the key now
+    fresh = await two.claim(names, False)  # ...and another replica owns the key now
     assert fresh is not None and fresh.won
     writer = LogWriter(one, names, stale.token)
     writer.opened(Head(200, CIMultiDict({"Content-Type": "text/event-stream"}), is_sse=True))
-    writer.appended([LogEvent(b"data: {}\n\n", None)])
+    writer.appended([LogEvent(b"data: {}\n\n")])
     writer.ended(True, None)
     pump = asyncio.create_task(asyncio.sleep(0))
     await _written(writer, pump)
@@ -125,12 +125,12 @@ async def test_a_log_past_its_byte_cap_ends_with_a_failure_and_frees_the_key(
     client = Redis.from_url(redis_server.url)
     try:
         names = link.names("big")
-        claim = await link.claim(names)
+        claim = await link.claim(names, False)
         assert claim is not None and claim.token is not None
         writer = LogWriter(link, names, claim.token)
         writer.opened(Head(200, CIMultiDict(), is_sse=True))
-        writer.appended([LogEvent(b"data: " + b"x" * 100 + b"\n\n", None)])
-        writer.appended([LogEvent(b"data: more\n\n", None)])  # past the cut: dropped
+        writer.appended([LogEvent(b"data: " + b"x" * 100 + b"\n\n")])
+        writer.appended([LogEvent(b"data: more\n\n")])  # past the cut: dropped
         pump = asyncio.create_task(asyncio.sleep(3600))  # the local stream goes on
         try:
             await _written(writer, pump)
@@ -278,7 +278,7 @@ async def test_an_append_tried_again_after_a_lost_reply_writes_each_entry_once(
 ) -> None:
     one, _, client = links
     names = one.names("retried")
-    claim = await one.claim(names)
+    claim = await one.claim(names, False)
     assert claim is not None and claim.token is not None
     append = one.script(APPEND)
     keys = [names.lease, names.log(claim.token)]

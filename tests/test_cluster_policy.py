@@ -97,8 +97,8 @@ def test_enabled_without_any_redis_is_refused() -> None:
 @pytest.mark.parametrize(
     ("cluster", "path", "reason"),
     [
-        ({"lease": 0}, "cluster.lease", "greater than 0"),
-        ({"timeout": "0s"}, "cluster.timeout", "greater than 0"),
+        ({"lease": 0}, "cluster.lease", "must be above 0"),
+        ({"timeout": "0s"}, "cluster.timeout", "must be above 0"),
         ({"max_stream_bytes": 0}, "cluster.max_stream_bytes", "greater than 0"),
         ({"lease": "1s", "timeout": "1s"}, "cluster.timeout", "shorter than cluster.lease"),
         ({"url": "http://redis:6379"}, "cluster.url", "redis://, rediss:// or unix://"),
@@ -154,7 +154,7 @@ async def test_the_mode_picks_the_client() -> None:
     single = make_client("redis://127.0.0.1:1/0", mode="single", password=None, timeout=0.1)
     cluster = make_client("redis://127.0.0.1:1/0", mode="cluster", password=None, timeout=0.1)
     try:
-        assert type(single) is Redis and type(cluster) is RedisCluster
+        assert type(single) is Redis and isinstance(cluster, RedisCluster)
     finally:
         await single.aclose()
         await cluster.aclose()

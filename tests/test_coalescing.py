@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+import pytest
 
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import RunningProxy, StartProxy, post, wait_idle, wait_readers
@@ -25,14 +26,19 @@ def _strip_volatile(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in ("id", "created")}
 
 
+@pytest.mark.parametrize("leader_streams", [False, True], ids=["plain-leader", "stream-leader"])
 async def test_200_identical_requests_make_one_upstream_call(
-    fake: FakeUpstream, proxy: RunningProxy
+    fake: FakeUpstream, proxy: RunningProxy, leader_streams: bool
 ) -> None:
     fake.hold_after = 0
     url = f"{proxy.base_url}/chat/completions"
-    bodies = [{**CHAT, "stream": i % 4 != 0} for i in range(200)]
+    bodies = [{**CHAT, "stream": (i % 4 == 0) == leader_streams} for i in range(200)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks = [asyncio.create_task(post(session, url, body)) for body in bodies]
+        # The first one leads: the upstream is asked in its mode, the rest share it.
+        tasks = [asyncio.create_task(post(session, url, bodies[0]))]
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+        tasks += [asyncio.create_task(post(session, url, body)) for body in bodies[1:]]
         await wait_readers(proxy, 200)
         fake.release.set()
         async with asyncio.timeout(30):
@@ -43,7 +49,11 @@ async def test_200_identical_requests_make_one_upstream_call(
                 direct, f"http://127.0.0.1:{fake.port}/v1/chat/completions", CHAT
             )
     assert fake.total_calls == 2  # ours, and the direct reference call
-    assert fake.calls_for({**CHAT, "stream": True, "stream_options": {"include_usage": True}}) == 1
+    if leader_streams:
+        asked = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        assert fake.calls_for(asked) == 1
+    else:
+        assert fake.calls_for({**CHAT, "stream": False}) == 1
     streamed = [r for r, b in zip(results, bodies, strict=True) if b["stream"]]
     plain = [r for r, b in zip(results, bodies, strict=True) if not b["stream"]]
     assert all(status == 200 for status, _, _ in results)

@@ -196,6 +196,27 @@ async def test_plain_answers_and_upstream_errors_carry_across(cluster: Cluster) 
         assert {status for status, _, _ in plain} == {200}
         assert len({body for _, _, body in plain}) == 1
 
+        # A plain chat call (its leader asked stream: false): streaming readers
+        # on another replica get it re-chunked, as they would on the owner.
+        fake.release = asyncio.Event()
+        fake.reached_hold = asyncio.Event()
+        first = asyncio.create_task(ask(session, owner, chat("plain chat", False)))
+        async with asyncio.timeout(10):
+            await fake.reached_hold.wait()
+        others = [
+            asyncio.create_task(ask(session, remote, chat("plain chat", stream)))
+            for stream in (True, False)
+        ]
+        await until(lambda: _has_readers(remote, "mirror", 2))
+        fake.release.set()
+        async with asyncio.timeout(10):
+            (_, _, whole), (status, _, rechunked), (_, _, also) = await asyncio.gather(
+                first, *others
+            )
+        assert calls_for(fake, "plain chat") == 1
+        assert status == 200 and whole == also
+        assert ends_whole(rechunked) and streamed_text(rechunked) == plain_text(whole)
+
         # An upstream error before the head reaches every replica's readers as it is.
         fake.settings = FakeSettings(error_status=429)
         fake.release = asyncio.Event()

@@ -425,3 +425,89 @@ def test_cli_workers_share_one_port() -> None:
         finally:
             proc.terminate()
             assert proc.wait(10) == 0
+
+
+async def test_error_knob_headers_each_apply_to_one_request(fake: FakeUpstream) -> None:
+    url = f"{fake.base_url}/chat/completions"
+    body = {"model": "m", "messages": MESSAGES}
+    other = {"model": "m", "messages": [{"role": "user", "content": "another prompt"}]}
+    knobs = {
+        "x-fake-status": "429",
+        "x-fake-retry-after": "7",
+        "x-fake-retry-after-ms": "6500",
+        "x-fake-error-times": "2",
+    }
+    async with aiohttp.ClientSession() as session:
+
+        async def call(payload: dict[str, Any]) -> tuple[int, dict[str, str]]:
+            async with session.post(url, json=payload, headers=knobs) as r:
+                await r.read()
+                return r.status, dict(r.headers)
+
+        first, second, third = [await call(body) for _ in range(3)]
+        # The error count is the body's: another prompt starts its own.
+        elsewhere = await call(other)
+        async with session.post(url, json=body) as r:  # no knobs: the flags' settings
+            plain = r.status
+    assert [first[0], second[0], third[0], elsewhere[0], plain] == [429, 429, 200, 429, 200]
+    assert (first[1]["Retry-After"], first[1]["retry-after-ms"]) == ("7", "6500")
+    assert fake.errors_sent == 3
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "expected"),
+    [("x-fake-token-padding", "3", "tok"), ("x-fake-retry-after-ms", "soon", "not an integer")],
+)
+async def test_more_knob_headers(
+    fake: FakeUpstream, header: str, value: str, expected: str
+) -> None:
+    body = {"model": "m", "messages": MESSAGES}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{fake.base_url}/chat/completions", json=body, headers={header: value}) as r,
+    ):
+        payload = await r.json()
+    if r.status == 200:
+        content = payload["choices"][0]["message"]["content"]
+        words = content.split()
+        assert all(w.startswith(expected) and w.endswith("...") for w in words), content
+    else:
+        assert (r.status, payload["error"]["code"]) == (400, "invalid_value")
+        assert expected in payload["error"]["message"]
+
+
+async def test_endless_header_never_ends_the_stream(fake: FakeUpstream) -> None:
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    headers = {"x-fake-endless": "events"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{fake.base_url}/chat/completions", json=body, headers=headers) as response,
+    ):
+        async with asyncio.timeout(5):
+            events = await _raw_events(response, 50)  # far more than 8 tokens make
+    assert len(events) == 50 and b"[DONE]" not in b"".join(events)
+
+
+async def test_settings_errors_list_the_valid_keys_and_error_times_restarts(
+    fake: FakeUpstream,
+) -> None:
+    base = f"http://127.0.0.1:{fake.port}"
+    body = {"model": "m", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/_fake/settings", json={"error_count": 1}) as r:
+            message = (await r.json())["error"]["message"]
+            assert r.status == 400
+        assert "error_count" in message and "error_times" in message and "tokens" in message
+
+        async def status() -> int:
+            async with session.post(f"{base}/v1/chat/completions", json=body) as r:
+                return r.status
+
+        change = {"error_status": 503, "error_times": 1}
+        async with session.post(f"{base}/_fake/settings", json=change) as r:
+            assert r.status == 200
+        assert [await status(), await status()] == [503, 200]
+        # Setting error_times again gives the next call its error again.
+        async with session.post(f"{base}/_fake/settings", json={"error_times": 1}) as r:
+            assert r.status == 200
+        assert [await status(), await status()] == [503, 200]

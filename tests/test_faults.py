@@ -58,7 +58,11 @@ async def test_drop_mid_stream_ends_every_reader_with_an_error(
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
         async with aiohttp.ClientSession() as session:
-            readers = [asyncio.create_task(stream_reader()) for _ in range(3)]
+            # A streaming leader, so the upstream call is the stream that drops.
+            readers = [asyncio.create_task(stream_reader())]
+            async with asyncio.timeout(10):
+                await fake.reached_hold.wait()
+            readers += [asyncio.create_task(stream_reader()) for _ in range(2)]
             plain = asyncio.create_task(post(session, url, CHAT, Authorization="Bearer sk-a"))
             await wait_readers(proxy, 4)
             fake.release.set()

@@ -13,6 +13,7 @@ scripts/ensure-helm.sh); each scenario is rendered once per session.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.policy import Policy, parse_policy
+from proxy.policy import Policy, Retry, Route, Target, Upstream, parse_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "llm-sidecar"
@@ -40,11 +41,14 @@ RELEASE = "ci"
 NAMESPACE = "llm"
 PROXY = "llm-sidecar"  # the proxy container's name
 EXPECTED_SCENARIOS = {
+    "admin",
+    "fallbacks",
     "standalone",
     "sidecar-native",
     "sidecar-plain",
     "redis-secret",
     "servicemonitor",
+    "cross-replica",
 }
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in CHART.glob("ci/*-values.yaml"))
 
@@ -271,6 +275,8 @@ def test_objects_validate_against_kubernetes(rendered: dict[str, list[Obj]], sce
 def test_kinds_per_scenario(rendered: dict[str, list[Obj]]) -> None:
     kinds = {s: sorted(d["kind"] for d in docs) for s, docs in rendered.items()}
     assert kinds == {
+        "admin": ["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
+        "fallbacks": ["ConfigMap", "Deployment", "Service"],
         "standalone": sorted(
             ["ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
         ),
@@ -278,6 +284,7 @@ def test_kinds_per_scenario(rendered: dict[str, list[Obj]]) -> None:
         "sidecar-plain": ["ConfigMap", "Deployment"],
         "redis-secret": ["ConfigMap", "Deployment", "Secret", "Service"],
         "servicemonitor": ["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
+        "cross-replica": ["ConfigMap", "Deployment", "Secret"],
     }
 
 
@@ -323,7 +330,8 @@ def test_policy_is_accepted_by_the_app_with_the_pods_env(
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(policy_text(docs))
     for _, spec in pod_specs(docs):
-        env = {"PATH": os.environ.get("PATH", "")}
+        # PYTHONPATH too, so a worktree's proxy/ is the one checked, not the venv's install.
+        env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH") if k in os.environ}
         env.update({e["name"]: "placeholder" for e in proxy_of(spec).get("env", [])})
         cli = Path(sys.executable).with_name("llm-sidecar")
         result = subprocess.run(
@@ -354,7 +362,12 @@ def test_probes_ports_and_policy_mount(rendered: dict[str, list[Obj]], scenario:
         assert option(args, "--host") == "0.0.0.0"
         port = int(option(args, "--port"))
         assert port == policy.listen.port == 8080
-        assert [p["containerPort"] for p in proxy["ports"]] == [port]
+        # With an admin listener the probes go there: the API port answers them 404.
+        admin = policy.admin
+        probed = port if admin is None else admin.port
+        ports = [port] if admin is None else [port, admin.port]
+        assert [p["containerPort"] for p in proxy["ports"]] == ports
+        assert admin is None or admin.host == "0.0.0.0", "the kubelet probes from outside the pod"
         probes = {
             "startupProbe": "/readyz",
             "readinessProbe": "/readyz",
@@ -363,7 +376,7 @@ def test_probes_ports_and_policy_mount(rendered: dict[str, list[Obj]], scenario:
         for probe, path in probes.items():
             get = proxy[probe]["httpGet"]
             assert get["path"] == path, probe
-            assert port_number(proxy, get["port"]) == port, probe
+            assert port_number(proxy, get["port"]) == probed, probe
         # The policy file lives in a directory mount of the ConfigMap, not a
         # subPath (a subPath mount never sees ConfigMap updates).
         policy_path = Path(option(args, "--policy"))
@@ -478,9 +491,27 @@ def test_standalone_service_hpa_and_pdb_select_the_pods(rendered: dict[str, list
 
 def test_service_monitor_only_when_enabled(rendered: dict[str, list[Obj]]) -> None:
     for scenario, docs in rendered.items():
-        assert bool(find(docs, "ServiceMonitor")) == (scenario == "servicemonitor")
+        assert bool(find(docs, "ServiceMonitor")) == (scenario in ("servicemonitor", "admin"))
     monitor = one(rendered["servicemonitor"], "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_admin_listener_takes_metrics_and_probes(
+    helm: Helm, rendered: dict[str, list[Obj]]
+) -> None:
+    docs = rendered["admin"]
+    policy = policy_of(docs)
+    assert policy.admin is not None and policy.admin.port == 9090
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert endpoint["port"] == "admin" and ports["admin"]["port"] == 9090
+    [(_, spec)] = pod_specs(docs)
+    assert port_number(proxy_of(spec), ports["admin"]["targetPort"]) == 9090
+    # Without a ServiceMonitor the admin port stays off the Service.
+    plain = helm.template("--set", "admin.enabled=true")
+    assert [p["name"] for p in one(plain, "Service")["spec"]["ports"]] == ["http"]
+    stderr = helm.template_error("--set", "admin.enabled=true", "--set", "admin.port=8080")
+    assert "admin.port must differ from port" in stderr
 
 
 # ---- secrets ---------------------------------------------------------------
@@ -729,3 +760,175 @@ def test_notes_tell_callers_to_pass_a_placeholder_key(helm: Helm, tmp_path: Path
     notes = _render_notes(helm, tmp_path, "-f", str(CHART / "ci/standalone-values.yaml"))
     assert 'api_key="unused"' in notes  # the SDK refuses to build a client without a key
     assert "NetworkPolicy" in notes
+
+
+# ---- cross-replica coalescing and Redis Cluster ----------------------------
+
+
+def test_cross_replica_settings_reach_the_policy(rendered: dict[str, list[Obj]]) -> None:
+    docs = rendered["cross-replica"]
+    policy = policy_of(docs)
+    assert (policy.cache.mode, policy.cache.url) == (
+        "cluster",
+        "redis://redis-cluster.cache.svc.cluster.local:6379",
+    )
+    cluster = policy.cluster
+    assert cluster.coalesce_across_replicas
+    assert (cluster.url, cluster.mode) == (
+        "rediss://coalesce.cache.svc.cluster.local:6380/0",
+        "single",
+    )
+    assert (cluster.lease, cluster.stream_ttl, cluster.timeout) == (3.0, 30.0, 0.2)
+    assert cluster.max_stream_bytes == 16 * 1024 * 1024
+    # Both passwords by reference: the cache's from the Secret you manage,
+    # the coordination Redis's from the Secret the chart created.
+    [(_, spec)] = pod_specs(docs)
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in proxy_of(spec)["env"]}
+    assert policy.cache.password_env is not None and cluster.password_env is not None
+    assert env[policy.cache.password_env] == {"name": "redis-cluster", "key": "redis-password"}
+    secret = one(docs, "Secret")
+    assert env[cluster.password_env] == {
+        "name": secret["metadata"]["name"],
+        "key": "cluster-redis-password",
+    }
+    assert base64.b64decode(secret["data"]["cluster-redis-password"]) == b"ci-cluster-password-3333"
+
+
+def test_without_the_feature_the_policy_has_no_cluster_block(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    for scenario, docs in rendered.items():
+        if scenario != "cross-replica":
+            assert "cluster" not in yaml.safe_load(policy_text(docs)), scenario
+            assert not policy_of(docs).cluster.coalesce_across_replicas
+
+
+def test_cross_replica_shares_the_cache_redis_by_default(helm: Helm) -> None:
+    docs = helm.template(
+        "-f",
+        CHART / "ci" / "redis-secret-values.yaml",
+        "--set",
+        "cluster.coalesceAcrossReplicas=true",
+        "--set",
+        "cache.redis.mode=cluster",
+    )
+    policy = policy_of(docs)
+    assert policy.cluster.coalesce_across_replicas and policy.cluster.url is None
+    assert policy.cache.mode == "cluster"
+    assert "cluster-redis-password" not in one(docs, "Secret")["data"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["cluster.coalesceAcrossReplicas=true"],
+            "cluster.coalesceAcrossReplicas needs a Redis shared by the replicas",
+        ),
+        (
+            ["cluster.redis.password.value=hunter2"],
+            "cluster.redis.password applies to cluster.redis.url",
+        ),
+        (
+            ["cluster.coalesceAcrossReplicas=true", "cluster.redis.url=redis://:hunter2@r:6379"],
+            "cluster.redis.url: no password in the URL",
+        ),
+        (
+            ["cache.backend=redis", "cache.redis.url=redis://r:6379/2", "cache.redis.mode=cluster"],
+            "cache.redis.url: a Redis Cluster is reached over TCP and has only database 0",
+        ),
+        (
+            [
+                "cluster.coalesceAcrossReplicas=true",
+                "cluster.redis.url=unix:///run/redis.sock",
+                "cluster.redis.mode=cluster",
+            ],
+            "cluster.redis.url: a Redis Cluster is reached over TCP",
+        ),
+        (["cluster.redis.mode=sharded"], "don't meet the specifications of the schema"),
+    ],
+)
+def test_cross_replica_mistakes_are_refused_in_words(
+    helm: Helm, settings: list[str], message: str
+) -> None:
+    stderr = helm.template_error(*(arg for setting in settings for arg in ("--set", setting)))
+    assert message in stderr
+    assert "hunter2" not in stderr
+
+
+def test_the_docs_cross_replica_example_renders_the_policy_they_show(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """docs/kubernetes.md's values for sharing one Redis render, with this
+    chart, exactly the cache and cluster sections the page shows next to them."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = docs.split("## Many sidecars, one Redis")[1]
+    values_block, policy_block = (part.split("```")[0] for part in section.split("```yaml\n")[1:3])
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(yaml.safe_load(values_block)["llm-sidecar"]))
+    rendered = yaml.safe_load(policy_text(helm.template("-f", values)))
+    shown = yaml.safe_load(policy_block)
+    assert {k: rendered[k] for k in ("cache", "cluster")} == {
+        "cache": {**shown["cache"], "max_bytes": "128MiB", "timeout": "200ms"},
+        "cluster": shown["cluster"],
+    }
+
+
+# ---- the policy's routes and upstreams, as the schema lets values express them ----
+
+
+def schema_properties(*path: str) -> set[str]:
+    node: Any = json.loads((CHART / "values.schema.json").read_text())
+    for key in path:
+        node = node[key]
+    return set(node["properties"])
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def test_the_schema_takes_every_route_and_upstream_key_of_the_policy_model() -> None:
+    """additionalProperties: false turns a key the schema lacks into a failed
+    `helm install`: every field of the policy's models must be in it, and
+    nothing else (a new field fails here until the schema has it)."""
+    route = ("properties", "policy", "properties", "routes", "items")
+    assert schema_properties(*route) == set(Route.model_fields)
+    assert schema_properties(*route, "properties", "targets", "items") == set(Target.model_fields)
+    assert schema_properties(*route, "properties", "retry") == set(Retry.model_fields)
+    extra = ("properties", "extraUpstreams", "additionalProperties")
+    assert schema_properties(*extra) == set(Upstream.model_fields)
+    # The chart's own upstream block spells them in camelCase, with its key
+    # as a Secret reference instead of an env var name, plus its name.
+    own = {camel(name) for name in Upstream.model_fields} - {"apiKeyEnv"}
+    assert schema_properties("properties", "upstream") == own | {"name", "apiKey"}
+
+
+def test_a_fallback_route_renders_with_its_targets_retry_and_ejection(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    policy = policy_of(rendered["fallbacks"])
+    chat, embeddings, catch_all = policy.routes
+    assert chat.upstream is None  # a route with targets gets no default upstream
+    assert [(t.upstream, t.model) for t in chat.target_list] == [
+        ("openai", None),
+        ("azure", "gpt-4o-mini-eu"),
+    ]
+    assert (chat.strategy, chat.retry.attempts, chat.retry.max_retry_wait) == ("fallback", 3, 2.0)
+    assert not chat.cache_fallback
+    assert [t.weight for t in embeddings.target_list] == [3.0, 1.0]
+    assert catch_all.upstream == "openai"
+    openai, azure = policy.upstreams["openai"], policy.upstreams["azure"]
+    assert (openai.eject_after, openai.eject_for, openai.max_eject_for) == (3, 15.0, 120.0)
+    assert (azure.eject_after, azure.api_key_env) == (5, "AZURE_OPENAI_API_KEY")
+
+
+def test_a_typo_inside_a_retry_block_is_rejected_by_the_schema(helm: Helm) -> None:
+    stderr = helm.template_error(
+        "-f",
+        str(CHART / "ci" / "fallbacks-values.yaml"),
+        "--set",
+        "policy.routes[0].retry.atempts=2",
+    )
+    assert re.search(r"additional propert(y|ies) '?atempts'? (is )?not allowed", stderr, re.I)

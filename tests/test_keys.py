@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.keys import ANONYMOUS_TENANT, canonical_body, request_key, tenant_of
+from proxy.keys import ANONYMOUS_TENANT, canonical_body, request_key, split_query, tenant_of
 
 IGNORE = ("stream", "stream_options", "user")
 
@@ -67,3 +67,45 @@ def test_tenant_hides_the_credential() -> None:
     assert "secret" not in tenant and len(tenant) == 32
     assert tenant == tenant_of(secret) != tenant_of("Bearer other")
     assert tenant_of(None) == ANONYMOUS_TENANT
+
+
+def test_the_query_string_is_in_the_key() -> None:
+    body = {"model": "m"}
+    plain = request_key("t", "up", "POST", "/p", body, IGNORE)
+    a = request_key("t", "up", "POST", "/p", body, IGNORE, query="api-version=A")
+    b = request_key("t", "up", "POST", "/p", body, IGNORE, query="api-version=B")
+    assert len({plain, a, b}) == 3
+    # No query and no vary headers: the key an older version computed.
+    assert plain == request_key("t", "up", "POST", "/p", body, IGNORE, query="", vary=())
+
+
+def test_vary_header_values_are_in_the_key() -> None:
+    body = {"model": "m"}
+    keys = {
+        request_key("t", "up", "POST", "/p", body, IGNORE, vary=[value])
+        for value in (None, "", "org-a", "org-b")
+    }
+    assert len(keys) == 4
+    assert request_key("t", "up", "POST", "/p", body, IGNORE, vary=["a", None]) != request_key(
+        "t", "up", "POST", "/p", body, IGNORE, vary=[None, "a"]
+    )
+
+
+def test_credentials_in_the_query_become_the_tenant_not_the_key() -> None:
+    assert split_query("") == ("", None)
+    assert split_query("api-version=2024-06-01") == ("api-version=2024-06-01", None)
+    assert split_query("key=sk-1&api-version=A") == ("api-version=A", "sk-1")
+    assert split_query("api-version=A&API-KEY=sk-2&%6Bey=sk-3") == ("api-version=A", "sk-2\0sk-3")
+    assert split_query("api_key=a%2Bb&access_token=t") == ("", "a+b\0t")
+    # The credential counts with the header's: either one changes the tenant.
+    header = "Bearer sk-h"
+    assert tenant_of(header) == tenant_of(header, None)
+    assert len({tenant_of(header), tenant_of(header, "sk-q"), tenant_of(None, "sk-q")}) == 3
+    assert "sk-q" not in tenant_of(None, "sk-q")
+
+
+def test_header_bytes_that_were_not_utf8_still_hash() -> None:
+    # aiohttp hands such bytes over as surrogate escapes; hashing must not raise.
+    value = b"Bearer \xff\xfe".decode("utf-8", "surrogateescape")
+    assert len(tenant_of(value)) == 32
+    assert request_key(tenant_of(value), "up", "POST", "/p", {}, IGNORE, vary=[value])

@@ -3,12 +3,16 @@
 A real proxy process at debug level serves a caller who sends a known
 secret in `Authorization`, with the upstream's own key (another known
 secret) injected from `api_key_env`. Across successes, cache hits, streams,
-relays, errors of every origin and reloads good and bad, neither secret
-appears in any log line, in `/metrics`, in `/status`, or in any response.
+relays, errors of every origin, requests the HTTP parser refuses (a control
+byte in the credential, a bare LF, a header or request line over the limit,
+a broken chunked body), the credential passed in the query string, and
+reloads good and bad, neither secret appears in any log line, in
+`/metrics`, in `/status`, or in any response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +43,29 @@ def canary_policy(fake: FakeUpstream, version: str) -> dict[str, Any]:
             ],
         },
     )
+
+
+# Requests aiohttp's parser refuses; its own error text would quote these bytes.
+MALFORMED = [
+    b"GET /v1/models?key=%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\x01\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\nHost: x\nAuthorization: Bearer %s\n\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s" + b"A" * 9000 + b"\r\n\r\n",
+    b"GET /v1/models?api_key=%s" + b"A" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Api-Key : %s\r\n\r\n",
+    b"POST /v1/chat/completions?key=%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n%s\r\n0\r\n\r\n",
+]
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    """Send raw bytes (no client library to fix them up); everything the proxy answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
 
 
 def chat(prompt: str, stream: bool = False) -> dict[str, Any]:
@@ -75,8 +102,17 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
         statuses.append(await call("POST", "/chat/completions", json=chat("three")))
         fake.settings = replace(fake.settings, error_status=None, require_key="another-key")
         statuses.append(await call("POST", "/chat/completions", json=chat("four")))  # 401
+        fake.settings = replace(fake.settings, require_key=UPSTREAM_SECRET)
+        # The caller's credential in the query string: a tenant, never logged.
+        path = f"/chat/completions?api-version=1&key={CALLER_SECRET}"
+        statuses.append(await call("POST", path, json=chat("five")))
+        statuses.append(await call("GET", f"/models?api-key={CALLER_SECRET}"))
         assert statuses[:4] == [200, 200, 200, 200]
-        assert statuses[4:] == [400, 404, 500, 401]
+        assert statuses[4:] == [400, 404, 500, 401, 200, 200]
+        for template in MALFORMED:
+            answer = await exchange(px.port, template.replace(b"%s", CALLER_SECRET.encode()))
+            assert answer.split(b" ", 2)[1] == b"400"
+            seen.append(answer.decode("latin-1"))
         # The key did go upstream, only upstream.
         assert fake.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
 
@@ -96,7 +132,14 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
 
     lines = px.log_lines()  # every line is JSON, at every level
     assert {line["level"] for line in lines} >= {"info", "error"}
-    assert len([line for line in lines if line["logger"] == "llm_sidecar.access"]) == 8
+    assert len([line for line in lines if line["logger"] == "llm_sidecar.access"]) == 10
+    refused = [line for line in lines if line["msg"] == "malformed request"]
+    assert len(refused) == len(MALFORMED)
+    # Method and path only: the query string (credential and all) is cut.
+    assert {(line["method"], line["path"]) for line in refused} == {
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+    }
     assert px.events("reload failed") and px.events("reload ok")
     seen.append(px.log_text())
     for text in seen:

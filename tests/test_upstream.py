@@ -16,6 +16,10 @@ from proxy.upstream import UpstreamPool, read_chunks
 BODY = {"model": "m", "messages": [{"role": "user", "content": "idle"}], "stream": True}
 
 
+def _idle(seconds: float) -> Upstream:
+    return Upstream(base_url="http://127.0.0.1:1/v1", idle_timeout=seconds)
+
+
 async def test_a_slow_consumer_is_not_an_idle_upstream(fake: FakeUpstream) -> None:
     fake.settings = replace(fake.settings, tokens=5)
     async with (
@@ -23,7 +27,7 @@ async def test_a_slow_consumer_is_not_an_idle_upstream(fake: FakeUpstream) -> No
         session.post(f"{fake.base_url}/chat/completions", json=BODY) as response,
     ):
         received = b""
-        async for chunk in read_chunks(response, idle_timeout=0.1):
+        async for chunk in read_chunks(response, _idle(0.1)):
             received += chunk
             await asyncio.sleep(0.25)  # longer than the idle timeout, on our side
     assert received.endswith(b"data: [DONE]\n\n")
@@ -38,7 +42,7 @@ async def test_a_quiet_upstream_is_cut_after_the_idle_timeout(fake: FakeUpstream
         chunks = []
         with pytest.raises(UpstreamBroken, match="idle"):
             async with asyncio.timeout(5):
-                async for chunk in read_chunks(response, idle_timeout=0.2):
+                async for chunk in read_chunks(response, _idle(0.2)):
                     chunks.append(chunk)
         assert chunks  # the events before the silence arrived
 

@@ -1,6 +1,7 @@
 -- Every request a new prompt (an all-miss load): "bench <nonce> <thread> <n>".
 -- Arguments after "--": the run's nonce, the x-fake-tokens value, optionally a bearer key
--- ("-" for none) and "stream" to ask for SSE instead of JSON.
+-- ("-" for none), "stream" to ask for SSE instead of JSON ("-" for JSON), and extra
+-- headers as "Name: value|Name: value" (a hop's own routing headers, Portkey's).
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "report.lua")
 
@@ -18,8 +19,14 @@ function init(args)
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["x-fake-tokens"] = args[2] or "8"
-  if args[3] and args[3] ~= "-" then wrk.headers["Authorization"] = "Bearer " .. args[3] end
+  if args[3] and args[3] ~= "-" and args[3] ~= "" then
+    wrk.headers["Authorization"] = "Bearer " .. args[3]
+  end
   if args[4] == "stream" then suffix = '"}],"stream":true}' end
+  for pair in string.gmatch(args[5] or "", "[^|]+") do
+    local name, value = pair:match("^%s*([^:]+):%s*(.-)%s*$")
+    if name then wrk.headers[name] = value end
+  end
 end
 
 suffix = '"}]}'

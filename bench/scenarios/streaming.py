@@ -14,7 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import plots
-from bench.common import Context, Section, added_cost, added_text, median, num, percentile
+from bench.common import (
+    Context,
+    Section,
+    Target,
+    added_cost,
+    added_text,
+    median,
+    num,
+    percentile,
+)
 from bench.procs import Server
 from bench.servers import sidecar_policy
 from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream, session
@@ -48,6 +57,15 @@ class Cell:
         return [(t.last_at - t.first_at) / (t.events - 1) for t in self.ok]
 
     @property
+    def total(self) -> float:
+        """Request sent to last event, median over streams."""
+        return median(self.totals)
+
+    @property
+    def totals(self) -> list[float]:
+        return [t.last_at - t.sent for t in self.ok]
+
+    @property
     def gap_p99(self) -> float:
         gaps = [b - a for t in self.ok for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
         return percentile(gaps, 99)
@@ -72,6 +90,7 @@ async def run(ctx: Context) -> Section:
             "inter-event ms",
             "added per event µs",
             "gap p99 ms",
+            "added total ms",
             "failed",
         ],
     )
@@ -116,6 +135,7 @@ async def run(ctx: Context) -> Section:
                     num(cell.per_event * 1000, 4),
                     "—" if name == "direct" else added_text(*_added(cell, direct, "event"), 1, 1e6),
                     num(cell.gap_p99 * 1000, 3),
+                    "—" if name == "direct" else added_text(*_added(cell, direct, "total"), 3, 1e3),
                     str(cell.failed),
                 ]
             )
@@ -139,6 +159,17 @@ async def run(ctx: Context) -> Section:
         text = added_text(diff, noise, *((3, 1e3) if what == "ttfe" else (1, 1e6)))
         return text if text in ("n/a", "within noise") else f"{text} {_UNIT[what]}"
 
+    side_total = (cells[(unpaced, "llm-sidecar")].total - cells[(unpaced, "direct")].total) * 1e3
+    bare_total = (cells[(unpaced, "bare relay")].total - cells[(unpaced, "direct")].total) * 1e3
+    total_ratio = side_total / bare_total if bare_total > 0 else float("nan")
+    section.targets.append(
+        Target(
+            "2",
+            "llm-sidecar added total time of a 200-event stream (unpaced) ≤ 1.5x the bare relay's",
+            f"{side_total:.3f} ms vs {bare_total:.3f} ms = {total_ratio:.2f}x",
+            None if total_ratio != total_ratio else total_ratio <= 1.5,
+        )
+    )
     section.headline.append(
         "Streaming (200 events, c=1, unpaced): added TTFE "
         f"bare relay {shown('bare relay', 'ttfe')}, llm-sidecar {shown('llm-sidecar', 'ttfe')}; "
@@ -170,7 +201,9 @@ _UNIT = {"ttfe": "ms", "event": "µs"}
 
 
 def _added(cell: Cell, direct: Cell, what: str) -> tuple[float, float]:
-    """The hop's added TTFE or per-event time (seconds) and its noise."""
+    """The hop's added TTFE, per-event or total time (seconds) and its noise."""
     if what == "ttfe":
         return added_cost(cell.ttfes, direct.ttfes)
+    if what == "total":
+        return added_cost(cell.totals, direct.totals)
     return added_cost(cell.per_events, direct.per_events)

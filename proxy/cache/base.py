@@ -39,10 +39,15 @@ class CacheStats:
     store_ok: int
     store_errors: int  # writes that raised or timed out
     store_dropped: int  # writes not attempted: write bound reached or breaker open
+    store_oversize: int  # answers over max_entry_bytes: served, not written
+    store_timeouts: int  # writes past their deadline (also in store_errors; not a fault)
     breaker_opened: int  # times the breaker opened
     breaker_state: BreakerState
     in_lane: int  # lookups admitted and not yet finished (queued or in a worker)
     writes_pending: int
+    local_hits: int  # hits answered by the local tier, without a backend round trip
+    local_bytes: int  # what the local tier holds now (0 without one)
+    hit_ratio: float  # hits / lookups so far (0.0 before any)
 
 
 class Cache(Protocol):

@@ -8,6 +8,13 @@ share one Redis: a record with another magic or version, a truncated one or a
 flipped bit decodes to None, never to a wrong answer and never to an
 exception. The caller treats that as a miss, deletes the record and counts it.
 
+The record says which mode it holds (the SSE flag): the upstream's events
+(with the assembled object), or the plain body. Version 2 is the first in
+which a plain body may answer a streaming reader (re-chunked), as a chat,
+completion or Responses answer asked without `stream`; a version-1 reader
+would serve it to a streaming caller as JSON, so it must not read these.
+Version-1 records mean the same under version 2 and are still read.
+
 Pure: no I/O, no redis import.
 """
 
@@ -21,8 +28,9 @@ from itertools import accumulate
 from proxy.cache.base import CachedAnswer
 
 MAGIC = b"LSC\x00"
-VERSION = 1
+VERSION = 2
 _PREFIX = MAGIC + bytes((VERSION,))
+_READS = frozenset({MAGIC + b"\x01", _PREFIX})  # same layout; see the docstring
 
 # status, flags, usage_event, stored_at, event count, content-type length,
 # body length.
@@ -71,7 +79,7 @@ def encode(answer: CachedAnswer) -> bytes:
 
 def decode(record: bytes) -> CachedAnswer | None:
     """The answer in `record`, or None for anything this version did not write."""
-    if len(record) < _PAYLOAD_AT or not record.startswith(_PREFIX):
+    if len(record) < _PAYLOAD_AT or record[: len(_PREFIX)] not in _READS:
         return None
     view = memoryview(record)
     (crc,) = _CRC.unpack_from(record, _CRC_AT)

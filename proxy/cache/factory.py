@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.cache.breaker import CircuitBreaker
-from proxy.cache.lane import Backend, CacheLane
+from proxy.cache.lane import WRITE_BYTES_PER_SECOND, Backend, CacheLane
 from proxy.cache.memory import MemoryBackend
 from proxy.cache.redis import RedisBackend
 from proxy.policy import Policy, PolicyError
@@ -59,11 +59,17 @@ def build_cache(
             # bound, workers + max_queue) may be on one node at once: a cluster
             # node's pool must not refuse a call a single Redis would take.
             max_connections=2 * lane.workers + lane.max_queue,
+            write_timeout=config.timeout + config.max_entry_bytes / WRITE_BYTES_PER_SECOND,
         )
+    local = None
+    if config.backend == "redis" and config.local_tier is not None:
+        local = MemoryBackend(config.local_tier.max_bytes)
     return CacheLane(
         backend,
         workers=policy.stages.cache.workers,
         max_queue=policy.stages.cache.max_queue,
         timeout=config.timeout,
         breaker=CircuitBreaker(config.breaker.failures, config.breaker.reset_after),
+        max_entry_bytes=config.max_entry_bytes,
+        local=local,
     )

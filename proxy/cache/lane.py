@@ -8,10 +8,23 @@ wrong (lane full, deadline passed, breaker open, backend error, corrupt
 record) the lookup answers None, a miss, and a counter says why; the cache
 may make a request faster, never fail it. The lane takes no stage slot.
 
+An optional local tier (an in-process `MemoryBackend`) sits in front of a
+backend that does I/O: a lookup it answers is a hit with no round trip, no
+queue and no breaker. It holds answers this process stored or fetched, each
+for no longer than the backend keeps it (a fetched copy expires when the
+backend's entry does). Entries never change under a key, the key being the
+request, so nothing needs invalidating; a store (a `no-cache` caller's write
+included) replaces the local copy at once.
+
 `store` never awaits: it starts a write task that the lane owns, bounded in
 number (writes past the bound are dropped, not queued), each bounded by
-`timeout`. `close` lets pending writes finish within one `timeout`, cancels
-the rest and the workers, and closes the backend.
+`timeout` plus the time its bytes take at `WRITE_BYTES_PER_SECOND`. An
+answer over `max_entry_bytes` is not written at all (it was served; it is
+counted), whatever the backend. A write that times out is no verdict on the
+backend's health: its time depends on its size, and one huge answer must
+not open the breaker for everyone (lookups, small and fixed-size, are what
+judge the backend). `close` lets pending writes finish within one
+`timeout`, cancels the rest and the workers, and closes the backend.
 
 Counters are plain ints on the lane, touched only from the event loop
 thread; `stats()` returns a frozen snapshot for the metrics exporter.
@@ -29,6 +42,19 @@ from typing import Any, Protocol, runtime_checkable
 from proxy.cache import codec
 from proxy.cache.base import CachedAnswer, CacheStats
 from proxy.cache.breaker import CircuitBreaker
+from proxy.cache.memory import MemoryBackend
+
+# The slowest transfer rate a healthy backend is expected to sustain for one
+# write; a write gets `timeout` plus its size at this rate.
+WRITE_BYTES_PER_SECOND = 32 * 1024 * 1024
+
+
+def answer_bytes(answer: CachedAnswer) -> int:
+    """The payload an entry stores: body and events (the record adds a few bytes)."""
+    size = len(answer.body) if answer.body is not None else 0
+    for event in answer.events:
+        size += len(event)
+    return size
 
 
 class Backend(Protocol):
@@ -51,6 +77,13 @@ class InlineBackend(Protocol):
     def get_now(self, key: str) -> CachedAnswer | None: ...
 
     def set_now(self, key: str, answer: CachedAnswer, ttl: float) -> bool: ...
+
+
+@runtime_checkable
+class TtlBackend(Protocol):
+    """A backend that tells how long an entry has left (for the local tier)."""
+
+    async def get_with_ttl(self, key: str) -> tuple[CachedAnswer | codec.Corrupt | None, float]: ...
 
 
 class _Outcome(enum.Enum):
@@ -82,6 +115,8 @@ class CacheLane:
         breaker: CircuitBreaker,
         *,
         max_writes: int | None = None,
+        max_entry_bytes: int | None = None,
+        local: MemoryBackend | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -93,11 +128,14 @@ class CacheLane:
         # inline in the caller's task (and so do its writes). It cannot fail
         # the way a network can either, so the breaker does not guard it.
         self._inline = backend if isinstance(backend, InlineBackend) else None
+        # Only in front of a backend that does I/O and can say what TTL is left.
+        self._local = local if self._inline is None and isinstance(backend, TtlBackend) else None
         self.workers = workers
         self.max_queue = max_queue
         self.timeout = timeout
         self.breaker = breaker
         self.max_writes = max_writes if max_writes is not None else workers + max_queue
+        self.max_entry_bytes = max_entry_bytes
         # The queue itself is unbounded: admission is bounded by `_in_lane`
         # instead, which also covers max_queue == 0 (asyncio's "no limit").
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -117,8 +155,12 @@ class CacheLane:
         self._store_ok = 0
         self._store_errors = 0
         self._store_dropped = 0
+        self._store_oversize = 0
+        self._store_timeouts = 0
+        self._local_hits = 0
 
     def stats(self) -> CacheStats:
+        lookups = self._hits + self._misses
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
@@ -130,10 +172,15 @@ class CacheLane:
             store_ok=self._store_ok,
             store_errors=self._store_errors,
             store_dropped=self._store_dropped,
+            store_oversize=self._store_oversize,
+            store_timeouts=self._store_timeouts,
             breaker_opened=self.breaker.opened,
             breaker_state=self.breaker.state,
             in_lane=self._in_lane,
             writes_pending=len(self._writes),
+            local_hits=self._local_hits,
+            local_bytes=self._local.bytes_used if self._local is not None else 0,
+            hit_ratio=self._hits / lookups if lookups else 0.0,
         )
 
     # -- lookups ---------------------------------------------------------
@@ -153,6 +200,12 @@ class CacheLane:
             else:
                 self._hits += 1
             return answer
+        if self._local is not None:
+            answer = self._local.get_now(key)
+            if answer is not None:
+                self._hits += 1
+                self._local_hits += 1
+                return answer
         if self.breaker.refusing():
             return self._count(_Outcome.SKIPPED)
         if self._in_lane >= self.workers + self.max_queue:
@@ -215,9 +268,14 @@ class CacheLane:
         permit = self.breaker.allow()
         if permit is None:
             return (_Outcome.SKIPPED, None)
+        left = 0.0
         try:
             async with asyncio.timeout_at(job.deadline):
-                found = await self.backend.get(job.key)
+                if self._local is not None:
+                    assert isinstance(self.backend, TtlBackend)
+                    found, left = await self.backend.get_with_ttl(job.key)
+                else:
+                    found = await self.backend.get(job.key)
         except TimeoutError:
             # The deadline, or the backend's own socket timeout: either way the
             # backend dropped that connection, and it counts as a fault.
@@ -237,12 +295,18 @@ class CacheLane:
             # key; that costs one extra miss, never a wrong answer.
             self._spawn_write(self.backend.delete(job.key))
             return (_Outcome.CORRUPT, None)
+        if self._local is not None and left > 0:
+            self._local.set_now(job.key, found, left)
         return (_Outcome.HIT, found)
 
     # -- writes ----------------------------------------------------------
 
     def store(self, key: str, answer: CachedAnswer, ttl: float) -> asyncio.Task[None] | None:
         if self._closed or ttl <= 0:
+            return None
+        size = answer_bytes(answer)
+        if self.max_entry_bytes is not None and size > self.max_entry_bytes:
+            self._store_oversize += 1
             return None
         if self._inline is not None:
             try:
@@ -252,27 +316,40 @@ class CacheLane:
             else:
                 self._store_ok += 1
             return None
-        return self._spawn_write(self.backend.set(key, answer, ttl))
+        if self._local is not None:
+            # Replaces any older copy at once, whatever becomes of the backend write.
+            self._local.set_now(key, answer, ttl)
+        return self._spawn_write(self.backend.set(key, answer, ttl), size)
 
-    def _spawn_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    def _spawn_write(
+        self, write: Coroutine[Any, Any, None], size: int = 0
+    ) -> asyncio.Task[None] | None:
         if self._closed or len(self._writes) >= self.max_writes or self.breaker.refusing():
             write.close()  # never awaited: close it so no warning is raised
             self._store_dropped += 1
             return None
-        task = asyncio.create_task(self._write(write))
+        deadline = asyncio.get_running_loop().time() + self.timeout + size / WRITE_BYTES_PER_SECOND
+        task = asyncio.create_task(self._write(write, deadline))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         return task
 
-    async def _write(self, write: Coroutine[Any, Any, None]) -> None:
+    async def _write(self, write: Coroutine[Any, Any, None], deadline: float) -> None:
         permit = self.breaker.allow()
         if permit is None:
             write.close()
             self._store_dropped += 1
             return
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 await write
+        except TimeoutError:
+            # Slow is not sick: how long a write takes depends on its size.
+            # The connection it used is dropped (redis-py disconnects on
+            # cancellation), and the lookups decide the backend's health.
+            self._store_errors += 1
+            self._store_timeouts += 1
+            self.breaker.release(permit)
         except Exception:
             self._store_errors += 1
             self.breaker.record(permit, False)
@@ -312,5 +389,7 @@ class CacheLane:
             self._in_lane -= 1
             if not job.future.done():
                 job.future.set_result((_Outcome.SKIPPED, None))
+        if self._local is not None:
+            await self._local.close()
         with contextlib.suppress(Exception):
             await self.backend.close()

@@ -26,6 +26,7 @@ import asyncio
 
 from multidict import CIMultiDict
 
+from proxy.cluster.lease import plain_call
 from proxy.cluster.link import RedisLink
 from proxy.cluster.log import LogWriter
 from proxy.cluster.mirror import Ended, Fault, Handoff, Lapsed, Mirror
@@ -66,7 +67,8 @@ async def _flight(
     role: asyncio.Future[Role],
 ) -> None:
     names = link.names(intake.key)
-    claim = await link.claim(names)
+    plain = not intake.wants_stream  # this replica would ask in its leader's mode
+    claim = await link.claim(names, plain)
     if claim is None or claim.token is None:
         role.set_result("local")
         await _alone(rt, link, stream, intake, headers)
@@ -80,6 +82,8 @@ async def _flight(
     mirror = Mirror(link, stream, intake.endpoint, names)
     token = claim.token
     for _ in range(MAX_HANDOFFS):
+        # The call is asked in its owner's mode: readers here wait as for it.
+        stream.plain_call = plain_call(token)
         end = await mirror.follow(token)
         if isinstance(end, Ended):
             link.mirror_ends[end.how] += 1
@@ -92,7 +96,7 @@ async def _flight(
             token = end.token
             continue
         assert isinstance(end, Lapsed)
-        claim = await link.claim(names)
+        claim = await link.claim(names, plain)
         if claim is None or claim.token is None:
             link.mirror_ends["fell_back"] += 1
             await _alone(rt, link, stream, intake, headers)
@@ -116,6 +120,7 @@ async def _own(
     token: str,
 ) -> None:
     stream.role = "owner"
+    stream.plain_call = plain_call(token)  # this replica's leader's mode, as always
     # Readers on other replicas are invisible here: the last local reader
     # leaving must not cancel the call they may still be reading.
     stream.cancel_on_abandon = False
@@ -130,5 +135,6 @@ async def _alone(
     rt: Runtime, link: RedisLink, stream: Stream, intake: Intake, headers: CIMultiDict[str]
 ) -> None:
     stream.role = "local"
+    stream.plain_call = not intake.wants_stream
     link.fallbacks += 1
     await pump(rt, stream, intake, headers)

@@ -54,9 +54,15 @@ return 0
 """
 
 
-def new_token() -> str:
-    """64 random bits: two live claims never share one."""
-    return secrets.token_hex(8)
+def new_token(plain: bool) -> str:
+    """64 random bits (two live claims never share one), then the mode the
+    owner asks the upstream in: `p` a plain call, `s` a stream."""
+    return secrets.token_hex(8) + ("p" if plain else "s")
+
+
+def plain_call(token: str) -> bool:
+    """Whether the owner holding `token` asks the upstream for a plain answer."""
+    return token.endswith("p")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +81,9 @@ class Leases:
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
 
-    async def claim(self, names: FlightNames) -> Claim:
-        token = new_token()
+    async def claim(self, names: FlightNames, plain: bool) -> Claim:
+        """Claim the key for a call in this mode (`plain`: not streamed)."""
+        token = new_token(plain)
         keys = [names.lease, names.mirrors]
         won, holder = await self._claim(keys=keys, args=[token, self.lease_ms])
         if won:

@@ -238,8 +238,9 @@ class RedisLink:
         self.breaker.record("call", True)
         return result
 
-    async def claim(self, names: FlightNames) -> Claim | None:
-        """Try to own the key; None when Redis is not to be used now (fault, breaker open)."""
+    async def claim(self, names: FlightNames, plain: bool) -> Claim | None:
+        """Try to own the key for a call in this mode (`plain`: not streamed);
+        None when Redis is not to be used now (fault, breaker open)."""
         permit: Permit | None = self.breaker.allow()
         if permit is None:
             self.claims["skipped"] += 1
@@ -247,7 +248,7 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.settings.timeout):
                 await self._ready()
-                claim = await self.leases.claim(names)
+                claim = await self.leases.claim(names, plain)
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             log.debug("cross-replica Redis claim failed (%s)", type(exc).__name__)
             self.claims["fault"] += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from proxy.classify import EventClassifier
 from proxy.cluster.entries import DoneEntry, Entry, EventsEntry, FailedEntry, HeadEntry
+from proxy.convert import Assembly, PlainAnswer
 from proxy.endpoint import Endpoint
 from proxy.errors import UpstreamBroken
 from proxy.sse import SSEDecoder
@@ -21,7 +22,8 @@ from proxy.stream import Head, Stream
 class Replay:
     def __init__(self, stream: Stream, endpoint: Endpoint) -> None:
         self._stream = stream
-        self._decoder = SSEDecoder()
+        self._endpoint = endpoint
+        self._decoder = SSEDecoder()  # the owner bounded each event already
         self._classifier = EventClassifier(endpoint)
         self.head: Head | None = None  # the head applied, once it was
 
@@ -33,17 +35,21 @@ class Replay:
             stream.append([self._classifier.feed(event) for event in events])
             return False
         if isinstance(entry, HeadEntry):
-            self.head = entry.head
-            stream.open(entry.head)
-            if entry.head.body is not None:  # a plain answer, or a cached one replayed
-                stream.assembled = entry.head.body
+            head = self.head = entry.head
+            stream.open(head)
+            # As the owner's upstream stage (a plain answer) or leader stage
+            # (a cached answer replayed) set them, for readers of the other mode.
+            if head.body is not None and head.is_sse:
+                stream.assembly = Assembly.built(self._endpoint, head.body, whole=True)
+            elif head.body is not None and head.status < 300:
+                stream.plain = PlainAnswer(self._endpoint, head.body)
             return False
         if isinstance(entry, DoneEntry):
             if self.head is None:  # an end with no head: readers would wait forever
                 stream.fail(UpstreamBroken("llm-sidecar: the shared stream ended before its head"))
                 return True
-            if self.head is not None and self.head.is_sse and stream.assembled is None:
-                stream.assembled = self._classifier.finish().assembled
+            if self.head.is_sse and stream.assembly is None:
+                stream.assembly = self._classifier.finish().assembly
             stream.end(complete=entry.complete, error=entry.error)
             return True
         if isinstance(entry, FailedEntry):

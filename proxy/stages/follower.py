@@ -2,8 +2,10 @@
 
 The follower slot bounds how many subscriptions are being set up at once.
 It is held only while the caller attaches and, when the stream is already
-flowing, while the backlog is replayed; live events are then read with no
-slot held, however long the stream runs.
+flowing, while the backlog is handed to the caller's socket without ever
+waiting on it: what the socket does not take at once, and every live event,
+is written with no slot held, so a caller that stops reading holds none
+(DESIGN, Bounds).
 """
 
 from __future__ import annotations

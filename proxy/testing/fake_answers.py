@@ -40,6 +40,7 @@ __all__ = [
     "plan_chat",
     "plan_completion",
     "plan_response",
+    "refusal",
     "response_events",
     "response_object",
     "sse",
@@ -62,9 +63,20 @@ class FakeSettings:
     ttft: float = 0.0  # seconds after response headers before the first event
     header_delay: float = 0.0  # seconds before sending response headers at all
     error_status: int | None = None  # answer every coalescible POST with this status
+    error_times: int | None = None  # with error_status: only the first N such POSTs get it
+    retry_after: str | None = None  # Retry-After on error answers (a 429's default is "1")
+    retry_after_ms: int | None = None  # retry-after-ms on error answers, as OpenAI sends
     drop_after: int | None = None  # stream: abort the connection after N events
     require_key: str | None = None  # when set, 401 unless `Authorization: Bearer <key>`
     embedding_dims: int = 8
+    token_padding: int = 0  # characters added to every content token, for large answers
+    # A hostile upstream: "events" repeats a stream's content events (a whole
+    # answer: its body) without end; "line" sends a stream that is one line
+    # (`data: xxx...`), never ended.
+    endless: str | None = None
+    # "stream": 400 for `stream: true` (a model that may not stream); "stream_options":
+    # 400 for a body with `stream_options` (older Azure api-versions).
+    refuse: str | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -80,6 +92,10 @@ class FakeSettings:
             raise ValueError("error_status must be between 400 and 599")
         if self.embedding_dims < 1:
             raise ValueError("embedding_dims must be at least 1")
+        if self.endless not in (None, *ENDLESS):
+            raise ValueError(f"endless must be one of {ENDLESS}")
+        if self.refuse not in (None, "stream", "stream_options"):
+            raise ValueError("refuse must be 'stream' or 'stream_options'")
 
 
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
@@ -88,11 +104,29 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "ttft": (int, float),
     "header_delay": (int, float),
     "error_status": int,
+    "error_times": int,
+    "retry_after": str,
+    "retry_after_ms": int,
     "drop_after": int,
     "require_key": str,
     "embedding_dims": int,
+    "token_padding": int,
+    "endless": str,
+    "refuse": str,
 }
-_OPTIONAL_FIELDS = frozenset({"error_status", "drop_after", "require_key"})
+_OPTIONAL_FIELDS = frozenset(
+    {
+        "error_status",
+        "error_times",
+        "retry_after",
+        "retry_after_ms",
+        "drop_after",
+        "require_key",
+        "endless",
+        "refuse",
+    }
+)
+ENDLESS = ("events", "line")
 
 
 class Reject(Exception):
@@ -162,7 +196,8 @@ def _n(body: JSON) -> int:
 def _text_plan(seed: bytes, index: int, settings: FakeSettings, limit: int | None) -> Choice:
     count = settings.tokens if limit is None else min(settings.tokens, limit)
     rng = _rng(seed, index)
-    pieces = tuple(f"tok{rng.randrange(1000)} " for _ in range(count))
+    pad = "." * settings.token_padding
+    pieces = tuple(f"tok{rng.randrange(1000)}{pad} " for _ in range(count))
     logprobs = tuple(-round(rng.random() * 2, 4) for _ in range(count))
     finish = "length" if limit is not None and limit < settings.tokens else "stop"
     return Choice(index, pieces, logprobs, finish)
@@ -449,6 +484,15 @@ def sse_typed(payload: JSON) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def refusal(body: JSON, settings: FakeSettings) -> Reject | None:
+    """What an upstream that cannot stream, or knows no `stream_options`, answers."""
+    if settings.refuse == "stream_options" and "stream_options" in body:
+        return Reject(400, "Unrecognized request argument supplied: stream_options")
+    if settings.refuse == "stream" and body.get("stream") is True:
+        return Reject(400, "This model does not support streaming.", "unsupported_value")
+    return None
 
 
 def usage_requested(body: JSON) -> bool:

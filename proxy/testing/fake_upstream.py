@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -41,6 +41,7 @@ from proxy.testing.fake_answers import (
     plan_chat,
     plan_completion,
     plan_response,
+    refusal,
     response_events,
     response_object,
     sse,
@@ -51,14 +52,23 @@ from proxy.testing.fake_answers import (
 __all__ = ["FakeSettings", "FakeUpstream", "RecordedRequest"]
 
 # Per-request overrides, so an out-of-process fake can be driven by its caller.
-_HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float]]] = {
+_HEADER_FIELDS: dict[str, tuple[str, Callable[[str], int | float | str]]] = {
     "x-fake-tokens": ("tokens", int),
     "x-fake-token-delay": ("token_delay", float),
     "x-fake-ttft": ("ttft", float),
     "x-fake-header-delay": ("header_delay", float),
     "x-fake-status": ("error_status", int),
+    "x-fake-error-times": ("error_times", int),
+    "x-fake-retry-after": ("retry_after", str),
+    "x-fake-retry-after-ms": ("retry_after_ms", int),
+    "x-fake-token-padding": ("token_padding", int),
+    "x-fake-endless": ("endless", str),
     "x-fake-drop-after": ("drop_after", int),
 }
+# With `x-fake-error-times`, errors are counted per request body: a caller
+# that retries the same request sees the first N fail, whatever else the
+# fake is serving at the time.
+_ERROR_TIMES_HEADER = "x-fake-error-times"
 
 
 def header_knobs() -> dict[str, str]:
@@ -72,6 +82,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lowercased names; repeated headers joined with ", "
     body: bytes
+    target: str = ""  # the request-target as it arrived: path and query, still encoded
 
 
 def _canonical_raw(raw: bytes) -> bytes:
@@ -81,7 +92,9 @@ def _canonical_raw(raw: bytes) -> bytes:
         return raw  # not a JSON object: counted by its exact bytes
 
 
-def _error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def _error_response(
+    status: int, message: str, code: str | None = None, settings: FakeSettings | None = None
+) -> web.Response:
     kind = "requests" if status == 429 else "server_error" if status >= 500 else None
     if status == 429:
         code = code or "rate_limit_exceeded"
@@ -97,6 +110,10 @@ def _error_response(status: int, message: str, code: str | None = None) -> web.R
     if status == 429:
         headers["Retry-After"] = "1"
         headers["x-ratelimit-remaining-requests"] = "0"
+    if settings is not None and settings.retry_after is not None:
+        headers["Retry-After"] = settings.retry_after
+    if settings is not None and settings.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(settings.retry_after_ms)
     return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
@@ -119,6 +136,9 @@ class FakeUpstream:
         self.calls_by_path: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
+        self.errors_sent = 0  # error_status answers, counted for error_times
+        # Error answers per canonical body, for the x-fake-error-times header.
+        self.errors_by_body: collections.Counter[bytes] = collections.Counter()
         self.disconnects = 0  # handlers ended because their client went away
         self.port = 0
         self._base_url = ""
@@ -150,6 +170,8 @@ class FakeUpstream:
         self.calls.clear()
         self.calls_by_path.clear()
         self.requests.clear()
+        self.errors_sent = 0
+        self.errors_by_body.clear()
         self.disconnects = 0
 
     # -- lifetime
@@ -209,12 +231,15 @@ class FakeUpstream:
             changes = orjson.loads(await request.read())
             if not isinstance(changes, dict):
                 raise TypeError("expected a JSON object")
-            unknown = set(changes) - {f.name for f in fields(FakeSettings)}
+            valid = [f.name for f in fields(FakeSettings)]
+            unknown = set(changes) - set(valid)
             if unknown:
-                raise TypeError(f"unknown settings: {sorted(unknown)}")
+                raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(valid)}")
             self.settings = replace(self.settings, **changes)
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             return _error_response(400, str(exc), "invalid_settings")
+        if "error_times" in changes or "error_status" in changes:
+            self.errors_sent = 0  # a new error budget counts from now
         return web.json_response(asdict(self.settings))
 
     # -- the API
@@ -226,14 +251,17 @@ class FakeUpstream:
         for name, value in request.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.requests.append(RecordedRequest(request.method, request.path, headers, raw))
+        self.requests.append(
+            RecordedRequest(request.method, request.path, headers, raw, request.raw_path)
+        )
         post = self._posts.get(request.path) if request.method == "POST" else None
+        body_key = _canonical_raw(raw)
         if post is not None:
-            self.calls[_canonical_raw(raw)] += 1
+            self.calls[body_key] += 1
             self.calls_by_path[request.path] += 1
         self.in_flight += 1
         try:
-            return await self._answer(request, raw, post)
+            return await self._answer(request, raw, body_key, post)
         except Reject as exc:
             return _error_response(exc.status, exc.message, exc.code)
         except asyncio.CancelledError:
@@ -243,11 +271,11 @@ class FakeUpstream:
             self.in_flight -= 1
 
     async def _answer(
-        self, request: web.Request, raw: bytes, post: _Handler | None
+        self, request: web.Request, raw: bytes, key: bytes, post: _Handler | None
     ) -> web.StreamResponse:
         settings = _with_overrides(self.settings, request.headers)
-        key = settings.require_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+        required = settings.require_key
+        if required is not None and request.headers.get("Authorization") != f"Bearer {required}":
             # Never echo the presented key back.
             raise Reject(401, "Incorrect API key provided.", "invalid_api_key")
         if settings.header_delay > 0:
@@ -260,11 +288,26 @@ class FakeUpstream:
             raise Reject(400, "We could not parse the JSON body of your request.") from exc
         if not isinstance(body, dict):
             raise Reject(400, "The request body must be a JSON object.")
-        if settings.error_status is not None:
+        refused = refusal(body, settings)
+        if refused is not None:
+            raise refused
+        if settings.error_status is not None and self._errs(settings, request, key):
+            # Counted before any wait, so concurrent calls see it.
+            self.errors_sent += 1
+            self.errors_by_body[key] += 1
             await self._hold_whole()
             status = settings.error_status
-            return _error_response(status, f"The fake upstream answers {status}.")
+            return _error_response(status, f"The fake upstream answers {status}.", None, settings)
         return await post(request, body, settings)
+
+    def _errs(self, settings: FakeSettings, request: web.Request, key: bytes) -> bool:
+        """Whether this call gets `error_status`: every one, or the first `error_times`."""
+        times = settings.error_times
+        if times is None:
+            return True
+        if _ERROR_TIMES_HEADER in request.headers:
+            return self.errors_by_body[key] < times
+        return self.errors_sent < times
 
     def _get(self, request: web.Request) -> web.Response:
         if request.method == "GET" and request.path == "/v1/models":
@@ -362,6 +405,8 @@ class FakeUpstream:
         drop = settings.drop_after
         try:
             await response.prepare(request)
+            if settings.endless is not None:
+                await self._endless(response, settings, events)
             for number, event in enumerate(events if drop is None else events[:drop]):
                 delay = settings.ttft if number == 0 else settings.token_delay
                 if delay > 0:
@@ -376,6 +421,24 @@ class FakeUpstream:
             self.disconnects += 1
         return response
 
+    async def _endless(
+        self, response: web.StreamResponse, settings: FakeSettings, events: list[bytes]
+    ) -> NoReturn:
+        """The first events, then a content event (or one line) forever;
+        `hold_after` counts its writes as events."""
+        if settings.endless == "line":
+            head, piece = b"data: ", b"x" * 65536
+        else:
+            head, piece = b"".join(events[:2]), events[1]
+        await self._hold(0)
+        await response.write(head)
+        for number in itertools.count(1):
+            # sleep(0) still yields: a test's proxy shares this loop.
+            await asyncio.sleep(settings.token_delay)
+            await self._hold(number)
+            await response.write(piece)
+        raise AssertionError("unreachable")
+
     async def _whole(
         self, request: web.Request, settings: FakeSettings, events: int, payload: JSON
     ) -> web.StreamResponse:
@@ -384,9 +447,21 @@ class FakeUpstream:
         if delay > 0:
             await asyncio.sleep(delay)
         await self._hold_whole()
+        if settings.endless is not None:
+            await _endless_body(request, settings)
         if settings.drop_after is not None:
             _abort(request)
         return _json(request, payload)
+
+
+async def _endless_body(request: web.Request, settings: FakeSettings) -> NoReturn:
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"object": "list", "data": [')
+    piece = b"0, " * 16384
+    while True:
+        await asyncio.sleep(settings.token_delay)
+        await response.write(piece)
 
 
 def _abort(request: web.Request) -> None:
@@ -406,7 +481,7 @@ def _json(request: web.Request, payload: JSON) -> web.Response:
 
 
 def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeSettings:
-    changes: dict[str, int | float] = {}
+    changes: dict[str, int | float | str] = {}
     for header, (name, parse) in _HEADER_FIELDS.items():
         value = headers.get(header)
         if value is None:
@@ -414,7 +489,8 @@ def _with_overrides(settings: FakeSettings, headers: Mapping[str, str]) -> FakeS
         try:
             changes[name] = parse(value)
         except ValueError as exc:
-            raise Reject(400, f"{header}: {value!r} is not a number", "invalid_value") from exc
+            kind = "an integer" if parse is int else "a number"
+            raise Reject(400, f"{header}: {value!r} is not {kind}", "invalid_value") from exc
     if not changes:
         return settings
     try:

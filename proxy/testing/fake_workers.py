@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import multiprocessing
 import multiprocessing.queues
+import os
 import queue
 import signal
 import socket
@@ -33,18 +34,40 @@ SETTING_HELP = {
     "header_delay": "seconds before sending the response headers at all (default: %(default)s)",
     "error_status": "answer every completion, embedding and response POST with this "
     "status (400-599) and an OpenAI-style error body, e.g. 429 or 500 (default: off)",
+    "error_times": "with --status: only the first N such POSTs get the error, later ones "
+    "answer normally (default: every one)",
+    "retry_after": "the Retry-After header on error answers, seconds or an HTTP date "
+    '(default: "1" on a 429, none otherwise)',
+    "retry_after_ms": "the retry-after-ms header on error answers, as OpenAI sends it "
+    "(default: none)",
+    "token_padding": "characters added to every content token, for large answers "
+    "(default: %(default)s)",
+    "endless": "never end: `events` streams events forever (a plain body: bytes forever), "
+    "`line` streams one line that never ends (default: off)",
     "drop_after": "streams only: cut the connection after N events, mid-stream (default: off)",
     "require_key": "answer 401 unless the request has `Authorization: Bearer KEY` "
     "(default: any key, or none, is accepted)",
     "embedding_dims": "length of each embedding vector (default: %(default)s)",
+    "refuse": "answer 400 as an upstream that cannot stream does: `stream` refuses "
+    "`stream: true`, `stream_options` refuses a body with stream_options (default: off)",
 }
 _FLAGS = {"error_status": "--status", "require_key": "--require-key"}
+_TEXT_SETTINGS = frozenset({"require_key", "retry_after", "endless", "refuse"})
+_METAVARS = {
+    "endless": "events|line",
+    "refuse": "stream|stream_options",
+    "require_key": "KEY",
+    "retry_after": "S|DATE",
+    "retry_after_ms": "MS",
+}
 
 
 def _epilog() -> str:
     lines = [
         "Per-request knobs: these request headers override the flags above for one",
-        "request (numbers; the proxy relays them upstream like any other header):",
+        "request (the proxy relays them upstream like any other header);",
+        "x-fake-error-times counts the errors sent to that request's body, so a",
+        "retried request fails its first N tries:",
     ]
     for header, name in header_knobs().items():
         lines.append(f"  {header:<22} {_FLAGS.get(name, '--' + name.replace('_', '-'))}")
@@ -75,13 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=9000, help="listen port (default: %(default)s)")
     for name, text in SETTING_HELP.items():
         default = getattr(defaults, name)
-        kind = str if name == "require_key" else type(default) if default is not None else int
+        kind = str if name in _TEXT_SETTINGS else type(default) if default is not None else int
         parser.add_argument(
             _FLAGS.get(name, "--" + name.replace("_", "-")),
             dest=name,
             type=float if kind is float else kind,
             default=default,
-            metavar="KEY" if name == "require_key" else "N",
+            metavar=_METAVARS.get(name, "N"),
             help=text,
         )
     parser.add_argument(
@@ -104,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers <= 1:
         import uvloop
 
-        uvloop.run(_serve(args.host, args.port, settings, reuse_port=False, ready=None))
+        try:
+            uvloop.run(_serve(args.host, args.port, settings, reuse_port=False, ready=None))
+        except OSError as exc:
+            print(_cannot_listen(args.host, args.port, exc), file=sys.stderr)
+            return 2
         return 0
     return _run_workers(args.host, args.port, settings, args.workers)
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return f"error: cannot listen on {host}:{port}: {reason}"
 
 
 async def _serve(
@@ -150,8 +182,8 @@ def _run_workers(host: str, port: int, settings: FakeSettings, workers: int) -> 
         reserve.bind((host, port))
     except OSError as exc:
         reserve.close()
-        print(f"error: cannot bind {host}:{port}: {exc}", file=sys.stderr)
-        return 1
+        print(_cannot_listen(host, port, exc), file=sys.stderr)
+        return 2
     port = reserve.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     ready: multiprocessing.queues.Queue[str] = context.Queue()

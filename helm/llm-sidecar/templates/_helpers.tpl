@@ -71,6 +71,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- if and (eq .Values.cache.backend "redis") (or $p.existingSecret $p.value) }}true{{ end }}
 {{- end }}
 
+{{/* Cross-replica coalescing through a Redis of its own, with a password. */}}
+{{- define "llm-sidecar.hasClusterPassword" -}}
+{{- $c := .Values.cluster }}
+{{- $p := $c.redis.password }}
+{{- if and $c.coalesceAcrossReplicas $c.redis.url (or $p.existingSecret $p.value) }}true{{ end }}
+{{- end }}
+
 {{/* The data of the Secret this chart creates (empty when it creates none). */}}
 {{- define "llm-sidecar.secretData" -}}
 {{- $data := dict }}
@@ -80,6 +87,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- $p := .Values.cache.redis.password }}
 {{- if and (eq .Values.cache.backend "redis") (not $p.existingSecret) $p.value }}
 {{- $_ := set $data "redis-password" (b64enc $p.value) }}
+{{- end }}
+{{- $c := .Values.cluster.redis.password }}
+{{- if and (include "llm-sidecar.hasClusterPassword" .) (not $c.existingSecret) }}
+{{- $_ := set $data "cluster-redis-password" (b64enc $c.value) }}
 {{- end }}
 {{- if $data }}{{ toYaml $data }}{{ end }}
 {{- end }}
@@ -96,6 +107,11 @@ shutdown) come from the values; secrets appear only as env var names.
     "first_byte_timeout" $v.upstream.firstByteTimeout
     "idle_timeout" $v.upstream.idleTimeout
     "max_connections" $v.upstream.maxConnections }}
+{{- range $key, $value := dict "max_response_bytes" $v.upstream.maxResponseBytes "max_event_bytes" $v.upstream.maxEventBytes "max_duration" $v.upstream.maxDuration "eject_after" $v.upstream.ejectAfter "eject_for" $v.upstream.ejectFor "max_eject_for" $v.upstream.maxEjectFor }}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $upstream $key $value }}
+{{- end }}
+{{- end }}
 {{- if include "llm-sidecar.hasApiKey" . }}
 {{- $_ := set $upstream "api_key_env" $v.upstream.apiKey.envVar }}
 {{- end }}
@@ -109,13 +125,19 @@ shutdown) come from the values; secrets appear only as env var names.
 {{- $cache := dict "backend" $v.cache.backend "max_bytes" $v.cache.maxBytes "timeout" $v.cache.timeout }}
 {{- if eq $v.cache.backend "redis" }}
 {{- $_ := set $cache "url" $v.cache.redis.url }}
+{{- $_ := set $cache "mode" $v.cache.redis.mode }}
 {{- if include "llm-sidecar.hasRedisPassword" . }}
 {{- $_ := set $cache "password_env" $v.cache.redis.password.envVar }}
 {{- end }}
 {{- end }}
 {{- $routes := list }}
 {{- range $v.policy.routes }}
+{{- /* A route that lists its targets names its upstreams itself. */}}
+{{- if hasKey . "targets" }}
+{{- $routes = append $routes . }}
+{{- else }}
 {{- $routes = append $routes (merge (dict) . (dict "upstream" $v.upstream.name)) }}
+{{- end }}
 {{- end }}
 {{- $policy := dict
     "listen" (dict "host" "0.0.0.0" "port" $v.port)
@@ -127,6 +149,27 @@ shutdown) come from the values; secrets appear only as env var names.
       "accept_delay" (printf "%ds" (int $v.shutdown.acceptDelaySeconds))
       "drain_timeout" (printf "%ds" (int $v.shutdown.drainTimeoutSeconds)))
     "routes" $routes }}
+{{- /* Only when enabled: a release without the feature renders the policy it always did. */}}
+{{- $c := $v.cluster }}
+{{- if $c.coalesceAcrossReplicas }}
+{{- $cluster := dict
+    "coalesce_across_replicas" true
+    "lease" $c.lease
+    "stream_ttl" $c.streamTtl
+    "max_stream_bytes" $c.maxStreamBytes
+    "timeout" $c.timeout }}
+{{- with $c.redis.url }}
+{{- $_ := set $cluster "url" . }}
+{{- $_ := set $cluster "mode" $c.redis.mode }}
+{{- end }}
+{{- if include "llm-sidecar.hasClusterPassword" . }}
+{{- $_ := set $cluster "password_env" $c.redis.password.envVar }}
+{{- end }}
+{{- $_ := set $policy "cluster" $cluster }}
+{{- end }}
+{{- if $v.admin.enabled }}
+{{- $_ := set $policy "admin" (dict "host" "0.0.0.0" "port" $v.admin.port) }}
+{{- end }}
 {{- range $key := list "limits" "stages" "stream" }}
 {{- with index $v.policy $key }}
 {{- $_ := set $policy $key . }}
@@ -182,9 +225,16 @@ ports:
   - name: llm-http
     containerPort: {{ $v.port }}
     protocol: TCP
+  {{- if $v.admin.enabled }}
+  - name: llm-admin
+    containerPort: {{ $v.admin.port }}
+    protocol: TCP
+  {{- end }}
+{{- $probePort := ternary "llm-admin" "llm-http" (and $v.admin.enabled true) }}
 {{- $key := $v.upstream.apiKey }}
 {{- $redis := $v.cache.redis.password }}
-{{- if or (include "llm-sidecar.hasApiKey" .) (include "llm-sidecar.hasRedisPassword" .) $v.extraEnv }}
+{{- $cluster := $v.cluster.redis.password }}
+{{- if or (include "llm-sidecar.hasApiKey" .) (include "llm-sidecar.hasRedisPassword" .) (include "llm-sidecar.hasClusterPassword" .) $v.extraEnv }}
 env:
   {{- if include "llm-sidecar.hasApiKey" . }}
   - name: {{ $key.envVar }}
@@ -210,18 +260,30 @@ env:
         key: redis-password
         {{- end }}
   {{- end }}
+  {{- if include "llm-sidecar.hasClusterPassword" . }}
+  - name: {{ $cluster.envVar }}
+    valueFrom:
+      secretKeyRef:
+        {{- if $cluster.existingSecret }}
+        name: {{ $cluster.existingSecret }}
+        key: {{ $cluster.existingSecretKey }}
+        {{- else }}
+        name: {{ include "llm-sidecar.fullname" . }}
+        key: cluster-redis-password
+        {{- end }}
+  {{- end }}
   {{- with $v.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
 startupProbe:
-  httpGet: {path: /readyz, port: llm-http}
+  httpGet: {path: /readyz, port: {{ $probePort }}}
   {{- toYaml $v.probes.startup | nindent 2 }}
 readinessProbe:
-  httpGet: {path: /readyz, port: llm-http}
+  httpGet: {path: /readyz, port: {{ $probePort }}}
   {{- toYaml $v.probes.readiness | nindent 2 }}
 livenessProbe:
-  httpGet: {path: /healthz, port: llm-http}
+  httpGet: {path: /healthz, port: {{ $probePort }}}
   {{- toYaml $v.probes.liveness | nindent 2 }}
 lifecycle:
   preStop:
@@ -305,14 +367,8 @@ volumes:
 {{- if and $v.upstream.apiKey.existingSecret $v.upstream.apiKey.value }}
 {{- fail "upstream.apiKey: set existingSecret or value, not both" }}
 {{- end }}
-{{- with $v.cache.redis.url }}
-{{- if not (regexMatch "^(rediss?|unix)://" .) }}
-{{- fail "cache.redis.url: expected redis://host:6379/0 (rediss:// for TLS, unix:///path/to/socket)" }}
-{{- end }}
-{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" . }}
-{{- fail "cache.redis.url: no password in the URL (it would land in the ConfigMap). Write redis://host:6379/0 (or redis://USER@host:6379/0 for an ACL user) and put the password in cache.redis.password.existingSecret (a Secret you manage) or cache.redis.password.value (the chart creates the Secret)" }}
-{{- end }}
-{{- end }}
+{{- include "llm-sidecar.validateRedis" (dict "at" "cache.redis" "redis" $v.cache.redis) }}
+{{- include "llm-sidecar.validateRedis" (dict "at" "cluster.redis" "redis" $v.cluster.redis) }}
 {{- if eq $v.cache.backend "redis" }}
 {{- if not $v.cache.redis.url }}
 {{- fail "cache.redis.url is required when cache.backend is redis (the chart does not install Redis)" }}
@@ -320,6 +376,19 @@ volumes:
 {{- if and $v.cache.redis.password.existingSecret $v.cache.redis.password.value }}
 {{- fail "cache.redis.password: set existingSecret or value, not both" }}
 {{- end }}
+{{- end }}
+{{- $c := $v.cluster }}
+{{- if and $c.coalesceAcrossReplicas (not $c.redis.url) (ne $v.cache.backend "redis") }}
+{{- fail "cluster.coalesceAcrossReplicas needs a Redis shared by the replicas: set cache.backend=redis (with cache.redis.url) to share the cache's, or cluster.redis.url" }}
+{{- end }}
+{{- if and (not $c.redis.url) (or $c.redis.password.existingSecret $c.redis.password.value) }}
+{{- fail "cluster.redis.password applies to cluster.redis.url; without that URL the cache's Redis and cache.redis.password are used" }}
+{{- end }}
+{{- if and $c.redis.password.existingSecret $c.redis.password.value }}
+{{- fail "cluster.redis.password: set existingSecret or value, not both" }}
+{{- end }}
+{{- if and $v.admin.enabled (eq (int $v.admin.port) (int $v.port)) }}
+{{- fail "admin.port must differ from port (the admin listener is a second socket)" }}
 {{- end }}
 {{- $last := last $v.policy.routes }}
 {{- if or (ne $last.match.path "/v1/*") (hasKey $last.match "methods") }}
@@ -336,6 +405,22 @@ volumes:
 {{- end }}
 {{- if and $v.sidecar.native (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) }}
 {{- fail (printf "sidecar.native needs Kubernetes >= 1.29 (native sidecar containers); the target is %s. Set sidecar.native=false, or give helm template --kube-version" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The URL rules for a Redis location ("at": cache.redis or cluster.redis). */}}
+{{- define "llm-sidecar.validateRedis" -}}
+{{- $at := .at }}
+{{- with .redis.url }}
+{{- if not (regexMatch "^(rediss?|unix)://" .) }}
+{{- fail (printf "%s.url: expected redis://host:6379/0 (rediss:// for TLS, unix:///path/to/socket)" $at) }}
+{{- end }}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" . }}
+{{- fail (printf "%s.url: no password in the URL (it would land in the ConfigMap). Write redis://host:6379/0 (or redis://USER@host:6379/0 for an ACL user) and put the password in %s.password.existingSecret (a Secret you manage) or %s.password.value (the chart creates the Secret)" $at $at $at) }}
+{{- end }}
+{{- if and (eq $.redis.mode "cluster") (not (regexMatch "^rediss?://[^/]*(/0?)?$" .)) }}
+{{- fail (printf "%s.url: a Redis Cluster is reached over TCP and has only database 0: redis://host:6379 or rediss://host:6380/0" $at) }}
 {{- end }}
 {{- end }}
 {{- end }}
