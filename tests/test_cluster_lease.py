@@ -297,3 +297,56 @@ async def test_an_append_tried_again_after_a_lost_reply_writes_each_entry_once(
     # A writer whose count does not match the log is refused.
     assert await append(keys=keys, args=[claim.token, 30_000, 5, *first]) == -1
     assert await client.xlen(names.log(claim.token)) == 3
+
+
+async def test_a_flight_that_waited_on_redis_looks_the_cache_up_again(
+    start_proxy: StartProxy, fake: FakeUpstream, redis_server: RedisServer
+) -> None:
+    """The cache answers a flight whose claim took a while: no second upstream call.
+
+    Found by bench scenario 7: under load, a replica's cache miss and its
+    claim were far apart, and the owner before it finished, wrote the cache
+    and released in between; the claim won and called the upstream again.
+    Here the claim is slowed on purpose: the cross-replica Redis is paused.
+    """
+    coordination = RedisServer()
+    try:
+        policy = {
+            "routes": [{"match": {"path": "/v1/*"}, "upstream": "fake", "cache": {"ttl": "1h"}}],
+            "cache": {"backend": "redis", "url": redis_server.url},
+            "cluster": {
+                "coalesce_across_replicas": True,
+                "url": coordination.url,
+                "lease": "4s",
+                "timeout": "2s",
+            },
+        }
+        left, right = await start_proxy(policy), await start_proxy(policy)
+        fake.hold_after = 0
+        body = {"model": "m", "messages": [{"role": "user", "content": "waited"}]}
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.create_task(post(session, f"{left.base_url}/chat/completions", body))
+            async with asyncio.timeout(10):
+                await fake.reached_hold.wait()
+            coordination.pause()  # the next claim waits for its timeout
+            try:
+                second = asyncio.create_task(
+                    post(session, f"{right.base_url}/chat/completions", body)
+                )
+                async with asyncio.timeout(10):  # its cache lookup missed: it is claiming
+                    while not len(right.runtime.table):
+                        await asyncio.sleep(0.01)
+                fake.release.set()
+                async with asyncio.timeout(10):
+                    status, _, one = await first
+                    await wait_idle(left.runtime)  # its answer is in the cache
+                    _, _, two = await second
+            finally:
+                coordination.resume()
+        assert status == 200 and one == two
+        assert fake.total_calls == 1
+        assert right.runtime.cluster is not None
+        assert right.runtime.cluster.claims["fault"] == 1  # it went alone, from the cache
+        await wait_idle(right.runtime)
+    finally:
+        coordination.stop()

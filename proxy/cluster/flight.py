@@ -128,7 +128,7 @@ async def _own(
     stream.sink = writer
     assert stream.pump is not None
     link.spawn(writer.run(stream.pump))
-    await pump(rt, stream, intake, headers)
+    await pump(rt, stream, intake, headers, recheck=True)
 
 
 async def _alone(
@@ -137,4 +137,4 @@ async def _alone(
     stream.role = "local"
     stream.plain_call = not intake.wants_stream
     link.fallbacks += 1
-    await pump(rt, stream, intake, headers)
+    await pump(rt, stream, intake, headers, recheck=True)
