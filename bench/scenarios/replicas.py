@@ -3,8 +3,8 @@
 Scenario 5's burst (1,000 stream requests over 50 prompts within one second,
 each answer ~1 s: 100 events, 10 ms apart), sent round-robin over three
 llm-sidecar processes sharing one Redis (the cache and, when on, the
-cross-replica path, with `cluster.timeout: 1s` since every server shares one
-core): once with `cluster.coalesce_across_replicas` off (each
+cross-replica path; `cache.timeout` and `cluster.timeout` 1 s, since every
+server shares one core): once with `cluster.coalesce_across_replicas` off (each
 replica coalesces its own callers), once on. Prompts are new to each run.
 Upstream calls come from the fake's /_fake/stats; latency is per request,
 from sending it to its last event.
@@ -50,8 +50,11 @@ PAIR_TTFT = 0.3
 def _policy(fake: Server, redis: Server, across: bool) -> dict[str, Any]:
     policy = sidecar_policy(fake.port, backend="redis", redis_port=redis.port)
     # Every server shares one core here (three replicas, Redis, the fake), so a
-    # Redis round trip can wait for a time slice: a 1 s per-call timeout
-    # rather than the default 200 ms, which would make this a fault test.
+    # Redis round trip can wait for a time slice: 1 s per call, for the cache
+    # and the cross-replica path alike, rather than the default 200 ms, past
+    # which the cache's breaker opens and this becomes a fault test (answers
+    # never cached, later callers calling again).
+    policy["cache"]["timeout"] = "1s"
     policy["cluster"] = {"coalesce_across_replicas": across, "timeout": "1s"}
     # Room for the whole burst on each replica, as in scenario 5's one process.
     wide = {"max_concurrency": 1024, "max_queue": 4096, "queue_timeout": "60s"}
