@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.cache.factory import build_cache
+from proxy.cluster.link import build_link
 from proxy.errors import NotFound
 from proxy.gauges import watch
 from proxy.observe import OBSERVER, Observer
@@ -54,6 +55,8 @@ def build_app(loaded: LoadedPolicy) -> web.Application:
         hooks=hooks,
         # Builds without connecting: a Redis that is down costs misses, not start-up.
         cache=build_cache(loaded.policy, os.environ, source=loaded.source),
+        # Also builds without connecting; None unless cluster.coalesce_across_replicas.
+        cluster=build_link(loaded.policy, os.environ, source=loaded.source),
     )
     # Bodies are read (and limited) by intake itself, not by aiohttp.
     app = web.Application(client_max_size=loaded.policy.limits.max_body_bytes + 1)
@@ -101,6 +104,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         task.cancel("llm-sidecar is stopping")
     await asyncio.gather(*pumps, return_exceptions=True)
     await asyncio.gather(*rt.retiring, return_exceptions=True)
+    if rt.cluster is not None:
+        await rt.cluster.close()  # after the pumps: their last entries get flushed
     await rt.cache.close()
     await rt.hooks.close()
     await rt.pool.close()

@@ -1,10 +1,11 @@
 """Levels read from the runtime at scrape time: the request path pays nothing.
 
 Stage in-use and queued counts, streams in flight, pumps alive, draining,
-the policy version, the cache's counters, ejected targets and retries in
-flight. `watch` registers them on the runtime's own registry and times its
-stage waits. Kept apart from `proxy.metrics` so that the runtime can own a
-`Metrics` without the metrics module knowing the runtime.
+the policy version, the cache's counters, ejected targets, retries in
+flight and cross-replica coalescing's counters. `watch` registers them on the
+runtime's own registry and times its stage waits. Kept apart from
+`proxy.metrics` so that the runtime can own a `Metrics` without the metrics
+module knowing the runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.cluster.report import metrics_of
 from proxy.metrics import cache_metrics
 from proxy.runtime import Runtime
 
@@ -65,6 +67,7 @@ class RuntimeCollector(Collector):
         )
         yield from cache_metrics(rt.cache)
         yield from _target_metrics(rt)
+        yield from metrics_of(rt)
 
 
 def _target_metrics(rt: Runtime) -> Iterator[Metric]:

@@ -4,13 +4,18 @@ Each box of DESIGN's diagram has its own module; this one only routes a
 request between them. Join-or-lead is one synchronous step: after the last
 await (the cache lookup) the table either hands back a live stream to follow
 or publishes a new one, whose pump starts before anything else can run.
+With cross-replica coalescing on, the new stream's producer first asks Redis
+who owns the key (`proxy.cluster.flight`).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from proxy.backpressure import send_whole
+from proxy.cluster.flight import start_flight
 from proxy.errors import ProxyError
 from proxy.intake import (
     Intake,
@@ -75,5 +80,12 @@ async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.Str
     if joined:
         return await follow(request, intake, stream, rt)
     headers = intake.route.upstream_headers(request.headers, intake.request_id)
-    rt.start_pump(stream, pump(rt, stream, intake, headers))
+    link = rt.cluster
+    if link is None:
+        rt.start_pump(stream, pump(rt, stream, intake, headers))
+        return await lead(request, intake, stream)
+    # Another replica may already be calling the upstream for this key.
+    role = start_flight(rt, link, stream, intake, headers)
+    if await asyncio.shield(role) == "mirror":
+        return await follow(request, intake, stream, rt)
     return await lead(request, intake, stream)

@@ -23,9 +23,17 @@ from proxy.stream import Stream
 log = logging.getLogger("llm_sidecar.pump")
 
 
-async def pump(rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict[str]) -> None:
+async def pump(
+    rt: Runtime,
+    stream: Stream,
+    intake: Intake,
+    headers: CIMultiDict[str],
+    *,
+    recheck: bool = False,
+) -> None:
+    """`recheck`: see `leader.prepare`."""
     try:
-        outgoing = await leader.prepare(rt, stream, intake, headers)
+        outgoing = await leader.prepare(rt, stream, intake, headers, recheck=recheck)
         if outgoing is None:
             return  # the cache answered while the leader queued
         await upstream.call(rt, stream, intake, outgoing)

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from proxy import logs
 from proxy.attempts import reconcile_targets
 from proxy.cache.factory import build_cache
+from proxy.cluster.link import RedisLink, settings_of
 from proxy.policy import LoadedPolicy, Policy, PolicyError, parse_policy
 from proxy.routing import compile_policy
 from proxy.runtime import Runtime
@@ -76,6 +77,9 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
     if (old.cache, old.stages.cache) != (new.cache, new.stages.cache):
         # Built (and so validated) before the swap; it connects lazily.
         cache = build_cache(new, os.environ, source=loaded.source)
+    cluster = settings_of(new, os.environ, loaded.source)
+    current = None if rt.cluster is None else rt.cluster.settings
+    link = None if cluster is None or cluster == current else RedisLink(cluster)
     # From here on nothing can fail: swap, then resize.
     rt.snapshot = snapshot
     rt.stages.resize(new.stages)
@@ -91,6 +95,16 @@ def apply_policy(rt: Runtime, loaded: LoadedPolicy) -> None:
             reason="cache settings changed; the new cache starts empty",
             old=cache_settings(old),
             new=cache_settings(new),
+        )
+    if cluster != current:
+        # Flights under way finish on the old link; new ones use the new (or none).
+        if rt.cluster is not None:
+            rt.retire_cluster(rt.cluster)
+        rt.cluster = link
+        logs.event(
+            "reload changed cross-replica coalescing",
+            on=cluster is not None,
+            lease=None if cluster is None else cluster.lease,
         )
     for section in ("listen", "admin"):
         if getattr(old, section) != getattr(new, section):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from proxy.cache.factory import cache_problems
+from proxy.cluster.link import cluster_problems
 from proxy.endpoint import Endpoint, endpoint_of
 from proxy.headers import Headers, upstream_request_headers
 from proxy.policy import LoadedPolicy, PolicyError, Route, Upstream
@@ -160,6 +161,7 @@ def compile_policy(
             )
         )
     problems.extend(cache_problems(policy, env))
+    problems.extend(cluster_problems(policy, env))
     if problems:
         raise PolicyError.of(loaded.source, problems)
     return Snapshot(loaded=loaded, routes=tuple(routes))

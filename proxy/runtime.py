@@ -2,8 +2,8 @@
 
 One `Runtime` per server, reached through `RUNTIME` on the aiohttp app.
 Holds the current policy snapshot (swapped whole on reload), the stage
-limiters, the in-flight table, the upstream pools, the cache and the pump
-tasks it owns.
+limiters, the in-flight table, the upstream pools, the cache, the
+cross-replica link and the pump tasks it owns.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.budget import BodyBudget
 from proxy.cache.base import Cache, NullCache
+from proxy.cluster.link import RedisLink
 from proxy.errors import ShuttingDown, UpstreamBroken
 from proxy.limiter import StageEvent, StageLimiter
 from proxy.metrics import Metrics
@@ -84,10 +85,12 @@ class Runtime:
     pool: UpstreamPool = field(default_factory=UpstreamPool)
     hooks: HookSession = field(default_factory=HookSession)
     cache: Cache = field(default_factory=NullCache)
+    # Cross-replica coalescing's Redis link; None when the policy leaves it off.
+    cluster: RedisLink | None = None
     # Pump tasks belong to their streams; the runtime keeps them so that
     # shutdown can wait for or cancel every one.
     pumps: set[asyncio.Task[None]] = field(default_factory=set)
-    # Caches replaced by a reload, still closing; awaited at shutdown.
+    # Caches and cluster links replaced by a reload, still closing; awaited at shutdown.
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -109,6 +112,12 @@ class Runtime:
     def retire_cache(self, old: Cache) -> None:
         """Close a cache replaced by a reload, off the request path."""
         task = asyncio.create_task(old.close())
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
+    def retire_cluster(self, old: RedisLink) -> None:
+        """Close a link replaced by a reload once its flights are done, off the request path."""
+        task = asyncio.create_task(old.close(grace=None))
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)
 

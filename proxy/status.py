@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.attempts import targets_status
 from proxy.cache.base import Cache
+from proxy.cluster.report import status_of
 from proxy.runtime import RUNTIME
 
 # Per process, never shown: what makes a stream's id opaque.
@@ -58,6 +59,8 @@ async def status_endpoint(request: web.Request) -> web.Response:
             "events": len(stream.events),
             "bytes": stream.size,
             "age_s": round(now - stream.created_at, 3),
+            "role": stream.role,
+            "mirrors": stream.mirrors,
         }
         for stream in rt.table
     ]
@@ -71,6 +74,7 @@ async def status_endpoint(request: web.Request) -> web.Response:
         "cache": _cache_stats(rt.cache),
         "targets": targets_status(rt),
         "retries_in_flight": rt.retries.budget.in_flight,
+        "cluster": status_of(rt),
     }
     return web.Response(
         body=orjson.dumps(body, default=str), headers={"Content-Type": "application/json"}

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from multidict import CIMultiDict
 
@@ -71,6 +71,29 @@ class PushReader:
 
 
 State = Literal["pending", "open", "done"]
+# Where a stream's events come from: its own upstream call ("local"), its own
+# call shared with other replicas through Redis ("owner"), or another
+# replica's call read from Redis ("mirror").
+Role = Literal["local", "owner", "mirror"]
+
+
+class StreamSink(Protocol):
+    """Told every producer step of a stream, in order, as it happens.
+
+    The cross-replica log writer is one: it records what the stream's
+    readers are told so readers on other replicas are told the same.
+    Called synchronously from the producer; it must not block.
+    """
+
+    def opened(self, head: Head) -> None: ...
+
+    def appended(self, events: Sequence[LogEvent]) -> None: ...
+
+    def ended(self, complete: bool, error: ProxyError | None) -> None: ...
+
+    def failed(self, error: ProxyError | Head) -> None:
+        """`fail` or `fail_before_head`: the readers get `error`, not more events."""
+        ...
 
 
 @dataclass(eq=False)
@@ -109,6 +132,9 @@ class Stream:
     # The proxy retried, or refused a retry it would otherwise make: its
     # failed answer tells the caller's SDK not to retry on top.
     retries_spent: bool = False
+    role: Role = "local"  # set by the cross-replica flight before the head
+    mirrors: int = 0  # an owned stream: replicas mirroring it, as of the lease's last renewal
+    sink: StreamSink | None = None  # set once, before the producer's first step
     _push: set[PushReader] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -120,6 +146,8 @@ class Stream:
     # --- producer side (the pump task) -----------------------------------
 
     def open(self, head: Head) -> None:
+        if self.sink is not None:
+            self.sink.opened(head)
         self.state = "open"
         if head.body is not None:
             # A whole body is a plain call's log: it counts toward the join cap.
@@ -129,6 +157,8 @@ class Stream:
 
     def fail_before_head(self, error: ProxyError | Head) -> None:
         """No events will come: every reader answers with this error."""
+        if self.sink is not None and self.state != "done":
+            self.sink.failed(error)
         if not self.head.done():
             if isinstance(error, Head):
                 self.head.set_result(error)
@@ -142,6 +172,8 @@ class Stream:
         """Log the events of one upstream read and push them as one write per reader."""
         if not events:
             return
+        if self.sink is not None:
+            self.sink.appended(events)
         if self.first_event_at is None:
             self.first_event_at = time.perf_counter()
         self.events.extend(events)
@@ -176,10 +208,15 @@ class Stream:
         if not self.head.done():
             self.fail_before_head(error)
         elif self.state != "done":
+            sink, self.sink = self.sink, None  # told once, as a failure: not as events
+            if sink is not None:
+                sink.failed(error)
             self.append([LogEvent(error.sse_event())])
             self.end(complete=False, error=error)
 
     def end(self, *, complete: bool, error: ProxyError | None = None) -> None:
+        if self.sink is not None and self.state != "done":
+            self.sink.ended(complete, error)
         self.complete = complete and error is None
         self.error = error
         self._finish()

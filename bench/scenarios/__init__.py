@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.common import Context, Section
-from bench.scenarios import cache, coalescing, fanout, overhead, stages, streaming
+from bench.scenarios import cache, coalescing, fanout, overhead, replicas, stages, streaming
 
 Scenario = Callable[[Context], Awaitable[Section]]
 
@@ -16,4 +16,5 @@ SCENARIOS: dict[str, Scenario] = {
     "fanout": fanout.run,
     "coalescing": coalescing.run,
     "stages": stages.run,
+    "replicas": replicas.run,
 }

@@ -30,12 +30,19 @@ class CircuitBreaker:
         reset_after: float,
         *,
         clock: Callable[[], float] = time.monotonic,
+        subject: str = "cache backend",
+        consequence: str = "lookups are misses",
+        logger: logging.Logger = log,
     ) -> None:
         if failures < 1:
             raise ValueError("failures must be at least 1")
         self.failures = failures
         self.reset_after = reset_after
         self._clock = clock
+        # What the log lines name: the cache's breaker, or another Redis user's.
+        self._subject = subject
+        self._consequence = consequence
+        self._log = logger
         self._state: BreakerState = "closed"
         self._consecutive = 0
         self._opened_at = 0.0
@@ -98,13 +105,15 @@ class CircuitBreaker:
     def _close(self) -> None:
         self._state = "closed"
         self._consecutive = 0
-        log.info("cache backend answering again: breaker closed")
+        self._log.info("%s answering again: breaker closed", self._subject)
 
     def _open(self) -> None:
         self._state = "open"
         self._opened_at = self._clock()
         self.opened += 1
-        log.warning(
-            "cache backend failing: breaker open, retrying in %.3gs (lookups are misses)",
+        self._log.warning(
+            "%s failing: breaker open, retrying in %.3gs (%s)",
+            self._subject,
             self.reset_after,
+            self._consequence,
         )

@@ -36,11 +36,22 @@ async def lead(request: web.Request, intake: Intake, stream: Stream) -> web.Stre
 
 
 async def prepare(
-    rt: Runtime, stream: Stream, intake: Intake, headers: CIMultiDict[str]
+    rt: Runtime,
+    stream: Stream,
+    intake: Intake,
+    headers: CIMultiDict[str],
+    *,
+    recheck: bool = False,
 ) -> Outgoing | None:
-    """The request to send upstream; None when the cache answered into `stream`."""
+    """The request to send upstream; None when the cache answered into `stream`.
+
+    `recheck`: look the cache up again even without queueing. A cross-replica
+    flight asked Redis first (`proxy.cluster.flight`): meanwhile another
+    replica's flight may have ended and its answer landed in the cache (an
+    owner releases its claim only once its answer is written).
+    """
     async with rt.stages.leader.slot(intake.request_id) as queued:
-        if queued and intake.cache_read:
+        if (queued or recheck) and intake.cache_read:
             answer = await rt.cache.lookup(intake.key)
             if answer is not None:
                 replay_answer(stream, intake.endpoint, answer)
