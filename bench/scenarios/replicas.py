@@ -92,12 +92,12 @@ async def _burst(
     totals = [t.total for t in ok]
     cluster: dict[str, float] = {}
     for replica in replicas:
-        for (name, labels), value in (await metric_samples(lab, replica)).items():
-            if name.startswith("llm_sidecar_cluster_") and name.endswith("_total") and value:
+        for (name, labels), sample in (await metric_samples(lab, replica)).items():
+            if name.startswith("llm_sidecar_cluster_") and name.endswith("_total") and sample:
                 which = ",".join(v for _, v in sorted(labels))
                 key = name.removeprefix("llm_sidecar_cluster_").removesuffix("_total")
                 key = f"{key}[{which}]" if which else key
-                cluster[key] = cluster.get(key, 0) + value
+                cluster[key] = cluster.get(key, 0) + sample
     return {
         "label": label,
         "ok": len(ok),
