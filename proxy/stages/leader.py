@@ -61,4 +61,7 @@ def replay_answer(stream: Stream, endpoint: Endpoint, answer: CachedAnswer) -> N
         )
     else:
         stream.plain = PlainAnswer(endpoint, answer.body or b"")
+        # What the stream holds is a plain call's answer, whatever mode its
+        # leader asked in: a streaming reader gets it re-chunked, as a hit.
+        stream.plain_call = True
     stream.end(complete=False)  # already cached: nothing to write back
