@@ -22,12 +22,12 @@ from proxy.endpoint import Endpoint
 from proxy.headers import Served
 from proxy.intake import Intake
 from proxy.prepare import Outgoing, run_steps
-from proxy.reply import StreamReply
+from proxy.reply import Outcome, StreamReply
 from proxy.runtime import Runtime
 from proxy.stream import Head, LogEvent, Stream
 
 
-async def lead(request: web.Request, intake: Intake, stream: Stream) -> web.StreamResponse:
+async def lead(request: web.Request, intake: Intake, stream: Stream) -> Outcome:
     stream.attach()
     try:
         return await StreamReply(request, intake, stream, Served.LEAD).run()
