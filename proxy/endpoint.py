@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from proxy import rechunk
+from proxy import jsonbody, rechunk
 from proxy.assemble import (
     assemble_chat,
     assemble_completion,
@@ -128,7 +128,7 @@ class Endpoint:
         if isinstance(options, dict) and options.get("include_usage") is True:
             return raw
         merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return orjson.dumps({**body, "stream_options": merged})
+        return jsonbody.dumps({**body, "stream_options": merged})
 
 
 CHAT = Endpoint(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import jsonbody
 from proxy.keys import ANONYMOUS_TENANT, canonical_body, request_key, split_query, tenant_of
 
 IGNORE = ("stream", "stream_options", "user")
@@ -117,3 +119,19 @@ def test_header_bytes_that_were_not_utf8_still_hash() -> None:
     value = b"Bearer \xff\xfe".decode("utf-8", "surrogateescape")
     assert len(tenant_of(value)) == 32
     assert request_key(tenant_of(value), "up", "POST", "/p", {}, IGNORE, vary=[value])
+
+
+def test_wide_integers_key_exactly_and_ordinary_bodies_key_as_before() -> None:
+    def key(raw: bytes) -> str:
+        return request_key("t", "u", "POST", "/v1/x", jsonbody.loads(raw), ())
+
+    assert key(b'{"seed":1180591620717411303424}') != key(b'{"seed":1180591620717411303425}')
+    # Formatting and member order still do not matter on the exact path.
+    assert key(b'{"seed": 1180591620717411303424, "a": 1}') == key(
+        b'{"a":1,"seed":1180591620717411303424}'
+    )
+    # Digits inside a string take the exact path and key as the fast one would.
+    ordinary = b'{"user_text":"1234567890123456789012","n":1}'
+    assert key(ordinary) == request_key("t", "u", "POST", "/v1/x", orjson.loads(ordinary), ())
+    # Duplicate members: the last one wins, as in the upstream's parser.
+    assert key(b'{"model":"A","model":"B"}') == key(b'{"model":"B"}')

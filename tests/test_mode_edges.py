@@ -10,6 +10,7 @@ with what the same call returns direct, with the real SDK.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -93,4 +94,22 @@ async def test_plain_followers_of_a_refused_stream_ask_plain_as_direct(
         assert modes == ([True, None] if refused else [True])
         expected = await _plain(direct, name)
         assert answers == [expected, expected]
+    await wait_idle(proxy.runtime)
+
+
+async def test_integers_wider_than_64_bits_key_apart(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    route = {"match": {"path": "/v1/*"}, "upstream": "fake", "cache": {"ttl": "1h"}}
+    proxy = await start_proxy({"cache": {"backend": "memory"}, "routes": [route]})
+    seeds = [2**70, 2**70 + 1]  # one float to a 64-bit parser: one key before the fix
+    async with openai.AsyncOpenAI(
+        base_url=proxy.base_url, api_key="sk-t", max_retries=0
+    ) as proxied:
+        for seed in seeds:
+            await proxied.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "seeded"}], seed=seed
+            )
+    assert fake.total_calls == 2
+    assert [json.loads(r.body)["seed"] for r in fake.requests] == seeds
     await wait_idle(proxy.runtime)
