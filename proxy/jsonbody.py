@@ -69,3 +69,103 @@ def dumps(value: Any, *, sort_keys: bool = False) -> bytes:
     except RecursionError as exc:
         raise TypeError("nested too deeply to write") from exc
     return text.encode("utf-8", "surrogatepass")
+
+
+# --- splicing into the caller's bytes -----------------------------------------
+
+_SPACE = b" \t\r\n"
+_USAGE_MEMBER = b'"include_usage":true'
+
+
+class _Undecided(Exception):
+    """The scanner met what it does not read (an escaped name, a repeat): re-serialise."""
+
+
+def _skip_space(raw: bytes, at: int) -> int:
+    while at < len(raw) and raw[at] in _SPACE:
+        at += 1
+    return at
+
+
+def _string_end(raw: bytes, at: int) -> int:
+    """The index past the string opening at `at` (a quote), escapes respected."""
+    at += 1
+    while True:
+        quote = raw.index(b'"', at)
+        backslashes = 0
+        while raw[quote - 1 - backslashes] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return quote + 1
+        at = quote + 1
+
+
+def _value_end(raw: bytes, at: int) -> int:
+    """The index past the value starting at `at` (already valid JSON: parsed before)."""
+    if raw[at] == 0x22:
+        return _string_end(raw, at)
+    if raw[at] not in b"[{":
+        while at < len(raw) and raw[at] not in b",]} \t\r\n":
+            at += 1
+        return at
+    depth = 0
+    while True:
+        byte = raw[at]
+        if byte == 0x22:
+            at = _string_end(raw, at)
+            continue
+        if byte in b"[{":
+            depth += 1
+        elif byte in b"]}":
+            depth -= 1
+            if depth == 0:
+                return at + 1
+        at += 1
+
+
+def _member(raw: bytes, start: int, name: bytes) -> tuple[int, int] | None:
+    """The span of member `name`'s value in the object opening at `start`."""
+    found = None
+    at = _skip_space(raw, start + 1)
+    if raw[at] == 0x7D:
+        return None
+    while True:
+        end = _string_end(raw, at)
+        key = raw[at + 1 : end - 1]
+        if b"\\" in key:
+            raise _Undecided
+        at = _skip_space(raw, end)
+        at = _skip_space(raw, at + 1)  # past the ":"
+        value_end = _value_end(raw, at)
+        if key == name:
+            if found is not None:
+                raise _Undecided  # named twice: leave it to a real parser
+            found = (at, value_end)
+        at = _skip_space(raw, value_end)
+        if raw[at] == 0x7D:
+            return found
+        at = _skip_space(raw, at + 1)  # past the ","
+
+
+def with_usage(raw: bytes) -> bytes | None:
+    """`raw` (a valid JSON object holding `stream_options`) with
+    `stream_options.include_usage` set true and every other byte as the caller
+    sent it; None when the scanner cannot decide (the caller re-serialises)."""
+    try:
+        top = _skip_space(raw, 0)
+        span = _member(raw, top, b"stream_options")
+        if span is None:
+            return None
+        start, end = span
+        if raw[start:end] == b"null":
+            return raw[:start] + b"{" + _USAGE_MEMBER + b"}" + raw[end:]
+        if raw[start] != 0x7B:
+            return None
+        usage = _member(raw, start, b"include_usage")
+        if usage is not None:
+            return raw[: usage[0]] + b"true" + raw[usage[1] :]
+        inner = _skip_space(raw, start + 1)
+        comma = b"" if raw[inner] == 0x7D else b","
+        return raw[: start + 1] + _USAGE_MEMBER + comma + raw[start + 1 :]
+    except (_Undecided, IndexError, ValueError):
+        return None

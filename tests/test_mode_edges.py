@@ -20,9 +20,9 @@ import orjson
 import pytest
 
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import StartProxy, wait_idle, wait_readers
+from tests.conftest import RunningProxy, StartProxy, wait_idle, wait_readers
 from tests.redis_server import RedisServer
-from tests.test_modes import STREAMING, _plain, _streamed
+from tests.test_modes import STREAMING, _plain, _post_raw, _streamed
 
 
 def _shared_redis(redis: RedisServer, **extra: Any) -> dict[str, Any]:
@@ -112,4 +112,30 @@ async def test_integers_wider_than_64_bits_key_apart(
             )
     assert fake.total_calls == 2
     assert [json.loads(r.body)["seed"] for r in fake.requests] == seeds
+    await wait_idle(proxy.runtime)
+
+
+@pytest.mark.parametrize(
+    ("options", "sent"),
+    [
+        (
+            b'{ "include_obfuscation": false }',
+            b'{"include_usage":true, "include_obfuscation": false }',
+        ),
+        (b"null", b'{"include_usage":true}'),
+        (b'{"include_usage":  false}', b'{"include_usage":  true}'),
+    ],
+    ids=["other-option", "null", "usage-false"],
+)
+async def test_a_callers_own_stream_options_get_usage_spliced_into_its_bytes(
+    fake: FakeUpstream, proxy: RunningProxy, options: bytes, sent: bytes
+) -> None:
+    head = b'{ "model" : "m",\n  "seed" : 1180591620717411303424,\t"stream": true,\n'
+    tail = b',\n  "messages" : [ {"role":"user","content":"splice \\"}\\" here"} ] }'
+    raw = head + b'  "stream_options" : ' + options + tail
+    status, _ = await _post_raw(proxy.base_url + "/chat/completions", raw)
+    assert status == 200
+    (request,) = fake.requests
+    expected = head + b'  "stream_options" : ' + sent + tail
+    assert request.body == expected
     await wait_idle(proxy.runtime)
