@@ -34,6 +34,9 @@ JSON = dict[str, Any]
 _SET_ONCE = frozenset({"id", "name", "type", "role", "call_id", "object", "model"})
 _LAST = frozenset({"choices", "object", "usage"})  # _finish puts these last
 _CHOICE_OWN = frozenset({"index", "delta", "logprobs", "finish_reason", "text"})
+# Fields a stream's chunks carry and the whole answer does not: OpenAI pads
+# every chunk with random `obfuscation` text (against length side channels).
+_STREAM_ONLY = frozenset({"obfuscation"})
 
 
 class _Pieces(list[str]):
@@ -59,6 +62,8 @@ def _keep_latest(target: JSON, name: str, value: Any) -> None:
 def _top_fields(chunk: JSON, top: JSON) -> None:
     """Fields of the whole answer (id, model, created, usage, timings...)."""
     for name, value in chunk.items():
+        if name in _STREAM_ONLY:
+            continue
         old = top.get(name, _MISSING)
         if old is _MISSING:
             top[name] = value

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from proxy import rechunk
+from proxy import jsonbody, rechunk
 from proxy.assemble import (
     assemble_chat,
     assemble_completion,
@@ -113,9 +113,9 @@ class Endpoint:
         The caller's own bytes in the caller's own mode; only a streamed call
         on an endpoint that reports usage also asks for the usage chunk, so
         that readers who asked for it get it whoever leads. Where the caller
-        sent no `stream_options`, the option is spliced into the bytes, so the
-        body is never re-serialised (an integer wider than 64 bits would turn
-        into a float).
+        sent no `stream_options`, or sent it as an object or null, the option
+        is spliced into the bytes; only what the scanner cannot read (an
+        escaped member name, a repeated one) is re-serialised, exactly.
         """
         if not (wants_stream and self.adds_usage):
             return raw
@@ -127,8 +127,11 @@ class Endpoint:
         options = body["stream_options"]
         if isinstance(options, dict) and options.get("include_usage") is True:
             return raw
+        spliced = jsonbody.with_usage(raw)
+        if spliced is not None:
+            return spliced
         merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return orjson.dumps({**body, "stream_options": merged})
+        return jsonbody.dumps({**body, "stream_options": merged})
 
 
 CHAT = Endpoint(

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy import jsonbody
 from proxy.endpoint import Endpoint
 from proxy.errors import BadPath, BadRequest, BodyTooLarge, NotFound, RequestTimeout
 from proxy.headers import credentials_of
@@ -143,8 +143,8 @@ def coalescible_intake(
     request: web.Request, route: CompiledRoute, endpoint: Endpoint, raw: bytes, request_id: str
 ) -> Intake:
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        body = jsonbody.loads(raw)
+    except ValueError as exc:
         raise BadRequest(f"llm-sidecar: the request body is not valid JSON ({exc})") from exc
     if not isinstance(body, dict):
         raise BadRequest("llm-sidecar: the request body must be a JSON object")
@@ -174,7 +174,7 @@ def coalescible_intake(
             ],
         )
         # The ignored fields are sent upstream too: they must be writable as well.
-        orjson.dumps([body[name] for name in config.ignore_fields if name in body])
+        jsonbody.dumps([body[name] for name in config.ignore_fields if name in body])
     except TypeError as exc:  # orjson writes less deeply nested JSON than it reads
         raise BadRequest(f"llm-sidecar: the request body cannot be re-encoded ({exc})") from exc
     cache_read, cache_write = _cache_directives(request)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_plus
 
-import orjson
+from proxy import jsonbody
 
 SHARED_TENANT = "shared"
 ANONYMOUS_TENANT = "anonymous"
@@ -82,8 +82,9 @@ def split_query(query: str) -> tuple[str, str | None]:
 def canonical_body(body: Mapping[str, Any], ignore: Iterable[str]) -> bytes:
     ignored = frozenset(ignore)
     kept = {k: v for k, v in body.items() if k not in ignored}
-    # Sorted keys at every depth, compact separators: one byte string per meaning.
-    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+    # Sorted keys at every depth, compact separators: one byte string per
+    # meaning (an integer wider than 64 bits written exactly).
+    return jsonbody.dumps(kept, sort_keys=True)
 
 
 def request_key(

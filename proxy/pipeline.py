@@ -27,7 +27,7 @@ from proxy.intake import (
 )
 from proxy.pump import pump
 from proxy.relay import relay
-from proxy.reply import error_response, serve_answer
+from proxy.reply import AskPlain, Outcome, error_response, serve_answer
 from proxy.runtime import RUNTIME, Runtime
 from proxy.stages.follower import follow
 from proxy.stages.leader import lead
@@ -69,13 +69,26 @@ async def coalesce(request: web.Request, intake: Intake, rt: Runtime) -> web.Str
         answer = await rt.cache.lookup(intake.key)
         if answer is not None:
             return await serve_answer(request, intake, answer)
+    outcome = await _join_or_lead(request, intake, rt, plain_only=False)
+    if isinstance(outcome, AskPlain):
+        # A plain caller that shared a streamed call the upstream refused:
+        # asked plain, as direct, it may be served. Plain readers of the
+        # refused call coalesce onto the first one's plain call.
+        outcome = await _join_or_lead(request, intake, rt, plain_only=True)
+    return outcome.fallback if isinstance(outcome, AskPlain) else outcome
+
+
+async def _join_or_lead(
+    request: web.Request, intake: Intake, rt: Runtime, *, plain_only: bool
+) -> Outcome:
     settings = rt.snapshot.loaded.policy.stream
     cancel = intake.route.config.on_abandon == "cancel"
     # No await from here to the pump's start: this is the single-flight step.
-    plain = not intake.wants_stream
+    plain = plain_only or not intake.wants_stream
     stream, joined = rt.table.join_or_publish(
         intake.key,
         lambda: Stream(intake.key, settings, cancel_on_abandon=cancel, plain_call=plain),
+        plain_only,
     )
     if joined:
         return await follow(request, intake, stream, rt)

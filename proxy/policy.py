@@ -137,6 +137,9 @@ class LocalTier(_Model):
     """An in-process copy of recent answers in front of Redis."""
 
     max_bytes: Size = 64 * 1024 * 1024
+    # A refresh or FLUSHDB made through another sidecar is seen here when the
+    # copy expires: this bounds how long that can take, whatever the entry's TTL.
+    max_ttl: PositiveDuration = 60.0
 
 
 RedisMode = Literal["single", "cluster"]

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -62,6 +63,22 @@ _DROP_FROM_JSON = (
     "x-accel-buffering",
 )
 _SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+# Statuses that describe the caller or the request, whatever its mode: a
+# plain call would get them too. Any other 4xx to a streamed call may be the
+# upstream refusing to stream (`stream: true` or `stream_options`).
+_ANY_MODE_REFUSALS = frozenset({401, 403, 404, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class AskPlain:
+    """A plain reader of a streamed call the upstream refused in a way a plain
+    call might not be: it should ask in its own mode, as it would direct.
+    `fallback` is the refusal, for a caller who cannot ask again."""
+
+    fallback: web.Response
+
+
+Outcome = web.StreamResponse | AskPlain
 
 
 def error_response(
@@ -267,9 +284,7 @@ class StreamReply:
                 # slot held, so a caller that stops reading holds none.
                 self._out.replay(stream)
 
-    async def run(
-        self, setup: Callable[[StreamReply], Awaitable[None]] | None = None
-    ) -> web.StreamResponse:
+    async def run(self, setup: Callable[[StreamReply], Awaitable[None]] | None = None) -> Outcome:
         try:
             if setup is not None:
                 await setup(self)
@@ -291,7 +306,7 @@ class StreamReply:
             # reads what we return; 499 is what access logs call it.
             return self._out.response if self._out is not None else web.Response(status=499)
 
-    async def _write(self) -> web.StreamResponse:
+    async def _write(self) -> Outcome:
         stream, intake, served = self._stream, self._intake, self._served
         if intake.wants_stream and stream.plain_call and intake.endpoint.restream is not None:
             # Nothing of a plain call arrives before the whole answer. Past one
@@ -318,9 +333,19 @@ class StreamReply:
                         )
                     if intake.endpoint.restream is not None:
                         raise _no_stream_form()
-            return web.Response(
+            response = web.Response(
                 status=head.status, body=head.body, headers=_headers(head.headers, intake, served)
             )
+            if (
+                not intake.wants_stream
+                and not stream.plain_call
+                and 400 <= head.status < 500
+                and head.status not in _ANY_MODE_REFUSALS
+            ):
+                # Nothing was sent to this reader yet (a plain reader gets the
+                # whole answer at once), so it may still ask on its own.
+                return AskPlain(response)
+            return response
         if intake.wants_stream:
             if self._out is None:
                 self._out = await SSEOut.start(self._request, head, intake, served, stream.settings)

@@ -108,7 +108,10 @@ class Stream:
     key: str
     settings: StreamSettings
     cancel_on_abandon: bool
-    # The leader asked for a plain answer: no event comes before the whole of it.
+    # The stream holds a plain call's answer (the leader asked for one, or it
+    # queued and found one in the cache): no event comes before the whole of
+    # it, and a streaming reader gets it re-chunked. A streamed call the
+    # upstream answered in JSON is not one: its readers get it as it is.
     plain_call: bool = False
     head: asyncio.Future[Head] = field(init=False)
     finished: asyncio.Future[None] = field(init=False)

@@ -17,14 +17,17 @@ class InflightTable:
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
 
-    def join_or_publish(self, key: str, make: Callable[[], Stream]) -> tuple[Stream, bool]:
+    def join_or_publish(
+        self, key: str, make: Callable[[], Stream], plain_only: bool = False
+    ) -> tuple[Stream, bool]:
         """The stream to read for `key`, and whether it was joined (True) or made.
 
-        A made stream is published unless a live one past its log cap holds
-        the key; that one stays, and the new one runs unpublished.
+        A made stream is published unless a live one holds the key (past its
+        log cap, or a streamed call when `plain_only` asks for a plain call's
+        answer); that one stays, and the new one runs unpublished.
         """
         existing = self._streams.get(key)
-        if existing is not None and existing.joinable:
+        if existing is not None and existing.joinable and (existing.plain_call or not plain_only):
             return existing, True
         stream = make()
         if existing is None or existing.retired:

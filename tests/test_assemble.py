@@ -237,3 +237,21 @@ def test_a_responses_snapshot_with_output_is_kept_as_sent() -> None:
     ]
     assert assemble_response(events) == response
     assert assemble_response(events[:1]) is None  # no terminal event: not a whole answer
+
+
+def test_a_folded_chat_answer_leaves_out_the_chunks_obfuscation() -> None:
+    from proxy.assemble import assemble_chat
+
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    chunks = [
+        {**base, "obfuscation": "Zx", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {**base, "obfuscation": "q1", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+        {
+            **base,
+            "obfuscation": "k",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        },
+    ]
+    folded = assemble_chat(chunks)
+    assert "obfuscation" not in folded
+    assert folded["choices"][0]["message"]["content"] == "hi"

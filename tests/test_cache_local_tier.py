@@ -184,3 +184,24 @@ async def test_through_the_proxy_no_cache_refreshes_and_repeats_stay_local(
     assert repeat[2] == fresh[2]  # the no-cache answer replaced the first everywhere
     assert after == before
     await wait_idle(proxy.runtime)
+
+
+async def test_a_local_copy_lives_no_longer_than_max_ttl(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    clock = FakeClock()
+    await stored_elsewhere(redis_server, "k", 3600)
+    backend = RedisBackend(redis_server.url, password=None, timeout=2.0, key_prefix=PREFIX)
+    local = MemoryBackend(1 << 20, clock=clock)
+    lane = CacheLane(
+        backend, 2, 8, 2.0, CircuitBreaker(3, 1.0), max_writes=8, local=local, local_max_ttl=10
+    )
+    try:
+        assert await lane.lookup("k") == ANSWER
+        await raw.flushdb()  # another sidecar's operator empties Redis
+        clock.now += 9.5
+        assert await lane.lookup("k") == ANSWER  # the copy, though the entry is gone
+        clock.now += 0.5  # max_ttl after the fetch, far short of the entry's TTL
+        assert await lane.lookup("k") is None
+    finally:
+        await lane.close()

@@ -35,7 +35,13 @@ async def test_error_before_first_event_reaches_every_reader(
         results = await asyncio.gather(*tasks)
         fake.settings = replace(fake.settings, header_delay=0)
         direct = await post(session, f"http://127.0.0.1:{fake.port}/v1/chat/completions", CHAT)
-    assert fake.total_calls == 2
+    if status == 400:
+        # A 400 to a streamed call may be a refusal to stream: its plain
+        # readers ask once more, in their own mode, sharing one plain call
+        # (none when a plain caller happened to lead). The direct call is one.
+        assert 2 <= fake.total_calls <= 3
+    else:
+        assert fake.total_calls == 2
     for result_status, headers, body in results:
         assert result_status == status
         assert orjson.loads(body) == orjson.loads(direct[2])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import jsonbody
 from proxy.keys import (
     ANONYMOUS_TENANT,
     canonical_body,
@@ -135,3 +137,19 @@ def test_the_tenant_covers_every_credential_in_any_order() -> None:
     assert a == tenant_of_credentials([("api-key", "A"), bearer])
     assert a != tenant_of_credentials([bearer, ("api-key", "A")], "q")
     assert tenant_of_credentials([], "q") == tenant_of(None, "q")
+
+
+def test_wide_integers_key_exactly_and_ordinary_bodies_key_as_before() -> None:
+    def key(raw: bytes) -> str:
+        return request_key("t", "u", "POST", "/v1/x", jsonbody.loads(raw), ())
+
+    assert key(b'{"seed":1180591620717411303424}') != key(b'{"seed":1180591620717411303425}')
+    # Formatting and member order still do not matter on the exact path.
+    assert key(b'{"seed": 1180591620717411303424, "a": 1}') == key(
+        b'{"a":1,"seed":1180591620717411303424}'
+    )
+    # Digits inside a string take the exact path and key as the fast one would.
+    ordinary = b'{"user_text":"1234567890123456789012","n":1}'
+    assert key(ordinary) == request_key("t", "u", "POST", "/v1/x", orjson.loads(ordinary), ())
+    # Duplicate members: the last one wins, as in the upstream's parser.
+    assert key(b'{"model":"A","model":"B"}') == key(b'{"model":"B"}')

@@ -62,8 +62,10 @@ def build_cache(
             write_timeout=config.timeout + config.max_entry_bytes / WRITE_BYTES_PER_SECOND,
         )
     local = None
+    local_max_ttl = None
     if config.backend == "redis" and config.local_tier is not None:
         local = MemoryBackend(config.local_tier.max_bytes)
+        local_max_ttl = config.local_tier.max_ttl
     return CacheLane(
         backend,
         workers=policy.stages.cache.workers,
@@ -72,4 +74,5 @@ def build_cache(
         breaker=CircuitBreaker(config.breaker.failures, config.breaker.reset_after),
         max_entry_bytes=config.max_entry_bytes,
         local=local,
+        local_max_ttl=local_max_ttl,
     )

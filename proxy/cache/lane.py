@@ -11,10 +11,12 @@ may make a request faster, never fail it. The lane takes no stage slot.
 An optional local tier (an in-process `MemoryBackend`) sits in front of a
 backend that does I/O: a lookup it answers is a hit with no round trip, no
 queue and no breaker. It holds answers this process stored or fetched, each
-for no longer than the backend keeps it (a fetched copy expires when the
-backend's entry does). Entries never change under a key, the key being the
-request, so nothing needs invalidating; a store (a `no-cache` caller's write
-included) replaces the local copy at once.
+for no longer than the entry's TTL as stored or fetched, and no longer than
+`local_max_ttl`. Entries never change under a key, the key being the
+request, so nothing needs invalidating; a store made here (a `no-cache`
+caller's write included) replaces the local copy at once, even if its
+backend write then fails. A refresh, delete or FLUSHDB made elsewhere is
+seen when the local copy expires.
 
 `store` never awaits: it starts a write task that the lane owns, bounded in
 number (writes past the bound are dropped, not queued), each bounded by
@@ -117,6 +119,7 @@ class CacheLane:
         max_writes: int | None = None,
         max_entry_bytes: int | None = None,
         local: MemoryBackend | None = None,
+        local_max_ttl: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -130,6 +133,8 @@ class CacheLane:
         self._inline = backend if isinstance(backend, InlineBackend) else None
         # Only in front of a backend that does I/O and can say what TTL is left.
         self._local = local if self._inline is None and isinstance(backend, TtlBackend) else None
+        # A local copy lives no longer than this, nor than the backend entry.
+        self._local_max_ttl = float("inf") if local_max_ttl is None else local_max_ttl
         self.workers = workers
         self.max_queue = max_queue
         self.timeout = timeout
@@ -296,7 +301,7 @@ class CacheLane:
             self._spawn_write(self.backend.delete(job.key))
             return (_Outcome.CORRUPT, None)
         if self._local is not None and left > 0:
-            self._local.set_now(job.key, found, left)
+            self._local.set_now(job.key, found, min(left, self._local_max_ttl))
         return (_Outcome.HIT, found)
 
     # -- writes ----------------------------------------------------------
@@ -318,7 +323,7 @@ class CacheLane:
             return None
         if self._local is not None:
             # Replaces any older copy at once, whatever becomes of the backend write.
-            self._local.set_now(key, answer, ttl)
+            self._local.set_now(key, answer, min(ttl, self._local_max_ttl))
         return self._spawn_write(self.backend.set(key, answer, ttl), size)
 
     def _spawn_write(

@@ -14,14 +14,12 @@ from aiohttp import web
 
 from proxy.headers import Served
 from proxy.intake import Intake
-from proxy.reply import StreamReply
+from proxy.reply import Outcome, StreamReply
 from proxy.runtime import Runtime
 from proxy.stream import Stream
 
 
-async def follow(
-    request: web.Request, intake: Intake, stream: Stream, rt: Runtime
-) -> web.StreamResponse:
+async def follow(request: web.Request, intake: Intake, stream: Stream, rt: Runtime) -> Outcome:
     async def attach(reply: StreamReply) -> None:
         async with rt.stages.follower.slot(intake.request_id):
             await reply.replay_backlog()

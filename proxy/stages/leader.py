@@ -22,12 +22,12 @@ from proxy.endpoint import Endpoint
 from proxy.headers import Served
 from proxy.intake import Intake
 from proxy.prepare import Outgoing, run_steps
-from proxy.reply import StreamReply
+from proxy.reply import Outcome, StreamReply
 from proxy.runtime import Runtime
 from proxy.stream import Head, LogEvent, Stream
 
 
-async def lead(request: web.Request, intake: Intake, stream: Stream) -> web.StreamResponse:
+async def lead(request: web.Request, intake: Intake, stream: Stream) -> Outcome:
     stream.attach()
     try:
         return await StreamReply(request, intake, stream, Served.LEAD).run()
@@ -72,4 +72,7 @@ def replay_answer(stream: Stream, endpoint: Endpoint, answer: CachedAnswer) -> N
         )
     else:
         stream.plain = PlainAnswer(endpoint, answer.body or b"")
+        # What the stream holds is a plain call's answer, whatever mode its
+        # leader asked in: a streaming reader gets it re-chunked, as a hit.
+        stream.plain_call = True
     stream.end(complete=False)  # already cached: nothing to write back

@@ -21,8 +21,8 @@ mode converts it on first use (`proxy.convert`).
 from __future__ import annotations
 
 import aiohttp
-import orjson
 
+from proxy import jsonbody
 from proxy.attempts import body_done, body_failed, call_with_retries
 from proxy.classify import Ending, EventClassifier
 from proxy.convert import PlainAnswer
@@ -44,7 +44,7 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
     headers = outgoing.headers
     headers["Content-Type"] = "application/json"
     # The caller's own bytes unless a prepare step replaced the body.
-    raw = intake.raw if outgoing.body is intake.body else orjson.dumps(outgoing.body)
+    raw = intake.raw if outgoing.body is intake.body else jsonbody.dumps(outgoing.body)
     endpoint, streams = outgoing.endpoint, intake.wants_stream
 
     def payload(model: str | None) -> bytes:
@@ -52,7 +52,7 @@ async def call(rt: Runtime, stream: Stream, intake: Intake, outgoing: Outgoing) 
         if model is None:
             return endpoint.upstream_bytes(outgoing.body, raw, streams)
         body = {**outgoing.body, "model": model}
-        return endpoint.upstream_bytes(body, orjson.dumps(body), streams)
+        return endpoint.upstream_bytes(body, jsonbody.dumps(body), streams)
 
     # max_duration counts from the slot: retries and their waits included.
     async with rt.stages.upstream.slot(intake.request_id), deadline(intake.route.upstream):
