@@ -84,27 +84,17 @@ def make_client(
     A password in the URL wins over `password` (redis-py's rule, both clients).
     Check the URL with `url_problem` first: a bad one raises here.
     """
+    options: dict[str, Any] = {
+        "password": password,
+        "decode_responses": False,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 0,
+        "retry": Retry(NoBackoff(), 0),
+    }
     if mode == "cluster":
         # The cluster client's per-node pool refuses (MaxConnectionsError, a
         # fault to the caller) past its bound instead of waiting, 100 by
         # default; the caller says how many calls it may have in flight.
-        return _Cluster.from_url(
-            url,
-            password=password,
-            decode_responses=False,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections or 100,
-        )
-    return Redis.from_url(
-        url,
-        password=password,
-        decode_responses=False,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=0,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=max_connections,
-    )
+        return _Cluster.from_url(url, max_connections=max_connections or 100, **options)
+    return Redis.from_url(url, max_connections=max_connections, **options)

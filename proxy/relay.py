@@ -22,7 +22,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
@@ -83,108 +82,95 @@ async def relay(
     # The session is held until the response is relayed: a reload that
     # replaces the upstream closes it only after.
     with rt.pool.lease(route.upstream_name, route.upstream) as session:
-        return await _relay(request, route, request_id, rt, limits, settings, session, read)
-
-
-async def _relay(
-    request: web.Request,
-    route: CompiledRoute,
-    request_id: str,
-    rt: Runtime,
-    limits: Limits,
-    settings: StreamSettings,
-    session: aiohttp.ClientSession,
-    read: bytes | None,
-) -> web.StreamResponse:
-    config = route.upstream
-    limit = limits.max_body_bytes
-    started = asyncio.get_running_loop().time()
-    headers = route.upstream_headers(request.headers, request_id)
-    accept = request.headers.get("Accept-Encoding")
-    if accept is not None:
-        headers["Accept-Encoding"] = accept
-    body: _LimitedBody | None = None
-    # A body intake `read` was read whole, under the limit and decoded: sent as bytes.
-    if read is None and request.body_exists:
-        length = request.content_length
-        if length is not None:
-            if length > limit:
-                raise BodyTooLarge(_too_large(limit))
-            if request.headers.get("Content-Encoding", "identity").lower() == "identity":
-                # Known length: the upstream gets it too, rather than a chunked
-                # upload. (aiohttp decodes a compressed body, whose length is
-                # then another: an upstream told the wire length would wait.)
-                headers["Content-Length"] = str(length)
-        body = _LimitedBody(request, limits)
-    # Confined at intake: canonical, still encoded, and sent exactly so.
-    url = upstream_url(config, request.rel_url.raw_path, request.rel_url.raw_query_string)
-    try:
-        async with deadline(config, started):
-            upstream = await open_upstream(
-                session,
-                config,
-                request.method,
-                url,
-                headers,
-                read if read is not None else body.chunks() if body else None,
-                passthrough=True,
-            )
-    except ProxyError as exc:
-        rt.metrics.upstream_call(route.index, None)
-        if body is not None and body.failure is not None:
-            raise body.failure from exc
-        raise
-    rt.metrics.upstream_call(route.index, upstream.status)
-    trail = trail_of(request)
-    if trail is not None:
-        trail.served, trail.upstream = Served.BYPASS, upstream.status
-    clean = False
-    try:
-        check_declared_size(upstream, config)  # before the head: the caller gets a 502
-        out_headers = downstream_response_headers(upstream.headers)
-        encoding = upstream.headers.get("Content-Encoding")
-        if encoding is not None:
-            out_headers["Content-Encoding"] = encoding  # the bytes below are still encoded
-        out_headers["X-Request-Id"] = request_id
-        out_headers[SERVED_BY] = Served.BYPASS
-        response = web.StreamResponse(status=upstream.status, headers=out_headers)
-        is_sse = upstream.content_type == "text/event-stream"
-        if upstream.content_length is not None and not is_sse:
-            response.content_length = upstream.content_length
-        writer = await response.prepare(request)
-        assert isinstance(writer, StreamWriter)
-        transport = writer.transport
-        if transport is None:
-            raise ConnectionResetError("the client went away")
-        high_water, write_timeout = settings.write_high_water, settings.write_timeout
-        transport.set_write_buffer_limits(high=high_water)
-        if trail is not None:
-            trail.first_byte_at = time.perf_counter()
+        config = route.upstream
+        limit = limits.max_body_bytes
+        started = asyncio.get_running_loop().time()
+        headers = route.upstream_headers(request.headers, request_id)
+        accept = request.headers.get("Accept-Encoding")
+        if accept is not None:
+            headers["Accept-Encoding"] = accept
+        body: _LimitedBody | None = None
+        # A body intake `read` was read whole, under the limit and decoded: sent as bytes.
+        if read is None and request.body_exists:
+            length = request.content_length
+            if length is not None:
+                if length > limit:
+                    raise BodyTooLarge(_too_large(limit))
+                if request.headers.get("Content-Encoding", "identity").lower() == "identity":
+                    # Known length: the upstream gets it too, rather than a chunked
+                    # upload. (aiohttp decodes a compressed body, whose length is
+                    # then another: an upstream told the wire length would wait.)
+                    headers["Content-Length"] = str(length)
+            body = _LimitedBody(request, limits)
+        # Confined at intake: canonical, still encoded, and sent exactly so.
+        url = upstream_url(config, request.rel_url.raw_path, request.rel_url.raw_query_string)
         try:
             async with deadline(config, started):
-                async for chunk in read_chunks(upstream, config):
-                    # No timer per chunk: only a full socket is waited on, bounded.
-                    await writer.write(chunk, drain=False)
-                    if transport.get_write_buffer_size() > high_water:
-                        await drain_within(writer, write_timeout)
-        except UpstreamBroken as exc:  # cut, idle, or past a bound
-            if not is_sse or encoding is not None:
-                # A cut body must look cut to the caller, not complete (and an
-                # encoded stream cannot take a plain error event).
-                transport.close()
-                return response
-            async with write_deadline(transport, write_timeout):
-                await response.write(exc.sse_event())
-        async with write_deadline(transport, write_timeout):
-            await response.write_eof()
-        clean = True
-        return response
-    except ConnectionResetError:
-        return response  # the caller left or stopped reading: only this exchange ends
-    finally:
+                upstream = await open_upstream(
+                    session,
+                    config,
+                    request.method,
+                    url,
+                    headers,
+                    read if read is not None else body.chunks() if body else None,
+                    passthrough=True,
+                )
+        except ProxyError as exc:
+            rt.metrics.upstream_call(route.index, None)
+            if body is not None and body.failure is not None:
+                raise body.failure from exc
+            raise
+        rt.metrics.upstream_call(route.index, upstream.status)
+        trail = trail_of(request)
         if trail is not None:
-            trail.bytes_out = upstream.content.total_bytes  # what was read is what was sent
-        if clean:
-            upstream.release()
-        else:
-            upstream.close()
+            trail.served, trail.upstream = Served.BYPASS, upstream.status
+        clean = False
+        try:
+            check_declared_size(upstream, config)  # before the head: the caller gets a 502
+            out_headers = downstream_response_headers(upstream.headers)
+            encoding = upstream.headers.get("Content-Encoding")
+            if encoding is not None:
+                out_headers["Content-Encoding"] = encoding  # the bytes below are still encoded
+            out_headers["X-Request-Id"] = request_id
+            out_headers[SERVED_BY] = Served.BYPASS
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            is_sse = upstream.content_type == "text/event-stream"
+            if upstream.content_length is not None and not is_sse:
+                response.content_length = upstream.content_length
+            writer = await response.prepare(request)
+            assert isinstance(writer, StreamWriter)
+            transport = writer.transport
+            if transport is None:
+                raise ConnectionResetError("the client went away")
+            high_water, write_timeout = settings.write_high_water, settings.write_timeout
+            transport.set_write_buffer_limits(high=high_water)
+            if trail is not None:
+                trail.first_byte_at = time.perf_counter()
+            try:
+                async with deadline(config, started):
+                    async for chunk in read_chunks(upstream, config):
+                        # No timer per chunk: only a full socket is waited on, bounded.
+                        await writer.write(chunk, drain=False)
+                        if transport.get_write_buffer_size() > high_water:
+                            await drain_within(writer, write_timeout)
+            except UpstreamBroken as exc:  # cut, idle, or past a bound
+                if not is_sse or encoding is not None:
+                    # A cut body must look cut to the caller, not complete (and an
+                    # encoded stream cannot take a plain error event).
+                    transport.close()
+                    return response
+                async with write_deadline(transport, write_timeout):
+                    await response.write(exc.sse_event())
+            async with write_deadline(transport, write_timeout):
+                await response.write_eof()
+            clean = True
+            return response
+        except ConnectionResetError:
+            return response  # the caller left or stopped reading: only this exchange ends
+        finally:
+            if trail is not None:
+                trail.bytes_out = upstream.content.total_bytes  # what was read is what was sent
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()

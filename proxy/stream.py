@@ -250,19 +250,18 @@ class Stream:
     def attach(self) -> None:
         self.readers += 1
 
-    def detach(self) -> bool:
-        """One reader leaves; True when it was the last and the call is abandoned.
+    def detach(self) -> None:
+        """One reader leaves; the last one abandons the call if the policy says so.
 
         Abandoning cancels the pump; its owner then ends the stream and
         unpublishes it. Until then `abandoned` keeps new readers off it.
         """
         self.readers -= 1
         if self.readers or self.state == "done" or not self.cancel_on_abandon:
-            return False
+            return
         self.abandoned = True
         if self.pump is not None:
             self.pump.cancel()
-        return True
 
     def subscribe(self, reader: PushReader) -> bool:
         """Join the push set if `reader` has caught up; False means catch up first."""

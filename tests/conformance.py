@@ -67,7 +67,7 @@ class Env:
 
     async def flush(self) -> None:
         async with asyncio.timeout(10):
-            await self.runtime.cache.flush()  # type: ignore[attr-defined]
+            await self.runtime.cache.flush()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

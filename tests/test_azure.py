@@ -78,7 +78,7 @@ async def test_the_example_policy_serves_both_azure_clients(
 ) -> None:
     async with _azure(azure_proxy) as client:
         assert await _chat(client) == "lead"
-        await azure_proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        await azure_proxy.runtime.cache.flush()
         assert await _chat(client) == "hit"
         embedded = await client.embeddings.with_raw_response.create(
             model="my-embedder", input="hello"
@@ -121,7 +121,7 @@ async def test_the_deployment_the_api_version_and_the_api_key_are_each_in_the_ke
         first = [await _chat(client) for client in clients]
         first.append(await _chat(clients[0], deployment="gpt-4o-mini"))
         assert first == ["lead"] * 4  # four different calls, four upstream calls
-        await azure_proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        await azure_proxy.runtime.cache.flush()
         again = [await _chat(client) for client in clients]
         again.append(await _chat(clients[0], deployment="gpt-4o-mini"))
         assert again == ["hit"] * 4  # each its own cache entry

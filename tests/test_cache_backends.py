@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from proxy.cache import codec
-from proxy.cache.base import CachedAnswer
+from proxy.cache.base import Cache, CachedAnswer, NullCache
 from proxy.cache.memory import MemoryBackend, answer_size
 from proxy.cache.redis import RedisBackend
 from tests.redis_server import RedisServer
@@ -260,3 +260,11 @@ async def test_redis_backend_construction_does_not_connect(redis_server: RedisSe
             assert await backend.get("k") is None  # the broken connection was not kept
     finally:
         await backend.close()
+
+
+async def test_a_cache_without_writes_flushes_at_once() -> None:
+    # `flush` is part of the seam: callers wait on any cache without asking its type.
+    cache: Cache = NullCache()
+    assert cache.store("k", JSON, 60.0) is None
+    async with asyncio.timeout(1):
+        await cache.flush()

@@ -111,7 +111,7 @@ async def test_proxy_hit_after_write_on_a_cluster(
     try:
         async with asyncio.timeout(20):
             first = await client.chat.completions.with_raw_response.create(**_chat(0))
-            await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+            await proxy.runtime.cache.flush()
             second = await client.chat.completions.with_raw_response.create(**_chat(0))
     finally:
         await client.close()
@@ -159,14 +159,14 @@ async def test_killed_node_costs_misses_never_failures(
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session, asyncio.timeout(60):
         before = [await post(session, url, _chat(n)) for n in range(prompts)]
-        await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        await proxy.runtime.cache.flush()
         held = [len(await _node_keys(redis_cluster, i)) for i in range(3)]
         assert sum(held) == prompts
         dead = max(range(3), key=lambda i: held[i])
         redis_cluster.kill(dead)
         calls = fake.total_calls
         after = [await post(session, url, _chat(n)) for n in range(prompts)]
-        await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        await proxy.runtime.cache.flush()
     assert [status for status, _, _ in after] == [200] * prompts
     # The same answers (the fake's text is deterministic), none of them an error.
     assert [_content(body) for _, _, body in after] == [_content(body) for _, _, body in before]

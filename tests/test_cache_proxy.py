@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -64,9 +63,8 @@ async def cached_proxy(request: pytest.FixtureRequest, start_proxy: StartProxy) 
 
 async def _stored(proxy: RunningProxy) -> None:
     """Writes happen off the readers' path; wait for them to land."""
-    flush: Callable[[], Awaitable[None]] = proxy.runtime.cache.flush  # type: ignore[attr-defined]
     async with asyncio.timeout(5):
-        await flush()
+        await proxy.runtime.cache.flush()
 
 
 async def test_miss_then_hit_for_stream_and_non_stream(
@@ -327,7 +325,7 @@ async def test_no_second_call_while_the_answer_is_being_written(
                 second = await post(session, url, body)
                 assert first[0] == second[0] == 200 and first[2] == second[2]
                 served.append(second[1]["x-llm-sidecar"])
-                await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+                await proxy.runtime.cache.flush()
     finally:
         await admin.aclose()
     assert fake.total_calls == 3

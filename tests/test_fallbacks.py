@@ -342,7 +342,7 @@ async def test_each_target_gets_its_model_and_the_key_stays_the_callers(
         status, headers, body = await post(session, url, chat("rename me"))
         assert (status, headers["x-llm-sidecar"]) == (200, "lead")
         assert orjson.loads(body)["model"] == "backup-deployment"
-        await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        await proxy.runtime.cache.flush()
         # The same request, whichever target answered it, is the same key.
         status, headers, again = await post(session, url, chat("rename me"))
     assert (status, headers["x-llm-sidecar"], again) == (200, "hit", body)
@@ -511,7 +511,7 @@ async def test_cache_fallback_decides_whether_a_fallbacks_answer_is_cached(
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         first = await post(session, url, chat("cache me?"))
-        await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+        await proxy.runtime.cache.flush()
         second = await post(session, url, chat("cache me?"))
     assert (first[0], first[1]["x-llm-sidecar"]) == (200, "lead")
     assert second[1]["x-llm-sidecar"] == ("hit" if cache_fallback else "lead")

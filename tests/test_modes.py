@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -274,14 +274,13 @@ async def test_a_cached_answer_serves_the_other_mode(
 ) -> None:
     redis = request.getfixturevalue("redis_server") if backend == "redis" else None
     proxy = await start_proxy(_cache_policy(backend, redis))
-    flush: Callable[[], Awaitable[None]] = proxy.runtime.cache.flush  # type: ignore[attr-defined]
     async with (
         openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-t", max_retries=0) as direct,
         openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-t", max_retries=0) as proxied,
     ):
         filled = await _answer(proxied, name, filled_by_stream)
         async with asyncio.timeout(5):
-            await flush()
+            await proxy.runtime.cache.flush()
         hit = await _answer(proxied, name, not filled_by_stream)
         again = await _answer(proxied, name, filled_by_stream)
         stats = proxy.runtime.cache.stats()

@@ -56,7 +56,7 @@ async def test_metrics_parse_and_move_as_requests_flow(
         for _ in range(2):
             status, _, _ = await post(session, f"{url}/chat/completions", chat("once"))
             assert status == 200
-            await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+            await proxy.runtime.cache.flush()
         # one lead and one follower on a held stream
         fake.hold_after = 1
         pair = [

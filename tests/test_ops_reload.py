@@ -233,7 +233,7 @@ async def test_reload_swaps_the_cache_when_its_settings_change(
     url = f"{proxy.base_url}/chat/completions"
     async with aiohttp.ClientSession() as session:
         await post(session, url, body)
-        await rt.cache.flush()  # type: ignore[attr-defined]
+        await rt.cache.flush()
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
         old = rt.cache
         same = parse_policy(yaml.safe_dump(policy), "same.yaml")
@@ -251,7 +251,7 @@ async def test_reload_swaps_the_cache_when_its_settings_change(
         await until(lambda: not rt.retiring)
         # The new, empty cache misses once, then serves hits again.
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "lead"
-        await rt.cache.flush()  # type: ignore[attr-defined]
+        await rt.cache.flush()
         assert (await post(session, url, body))[1]["x-llm-sidecar"] == "hit"
     stats = old.stats()
     assert stats is not None and stats.in_lane == 0

@@ -59,7 +59,8 @@ async def test_a_stream_abandoned_by_its_last_reader_is_replaced_at_once(
     first, _ = rt.table.join_or_publish("k", make)
     rt.start_pump(first, pump())
     first.attach()
-    assert first.detach() is True  # the last reader left: the call is cancelled
+    first.detach()
+    assert first.abandoned  # the last reader left: the call is cancelled
     # A request arriving this instant starts afresh rather than joining it.
     second, joined = rt.table.join_or_publish("k", make)
     assert not joined and second is not first

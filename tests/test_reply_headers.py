@@ -115,7 +115,7 @@ async def test_a_hit_keeps_its_content_type_and_no_header_of_the_call_that_made_
     async with aiohttp.ClientSession() as session:
         await post(session, url, _chat(prompt, stream=first_stream))
         async with asyncio.timeout(5):
-            await proxy.runtime.cache.flush()  # type: ignore[attr-defined]
+            await proxy.runtime.cache.flush()
         status, headers, _ = await post(session, url, _chat(prompt, stream=False))
         assert status == 200 and headers["x-llm-sidecar"] == "hit"
         _is_json_reply(headers)

@@ -9,7 +9,6 @@ credential never share a cache entry; the same credentials in another order do.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -42,9 +41,8 @@ async def cached(start_proxy: StartProxy) -> RunningProxy:
 
 
 async def _stored(proxy: RunningProxy) -> None:
-    flush: Callable[[], Awaitable[None]] = proxy.runtime.cache.flush  # type: ignore[attr-defined]
     async with asyncio.timeout(5):
-        await flush()
+        await proxy.runtime.cache.flush()
 
 
 async def _sdk_served(proxy: RunningProxy, headers: dict[str, str]) -> str:

@@ -9,12 +9,14 @@ latency is per request, from sending it to its last event.
 
 from __future__ import annotations
 
-import asyncio
 import resource
-import time
+from collections.abc import Awaitable
 from typing import Any
 
-from bench import plots
+import aiohttp
+
+from bench import burst, plots
+from bench.burst import EVENTS, PROMPTS, TOKEN_DELAY
 from bench.common import (
     Context,
     Section,
@@ -23,18 +25,11 @@ from bench.common import (
     diff_counts,
     metric_samples,
     num,
-    percentile,
     served_counts,
 )
 from bench.procs import Server
 from bench.servers import Lab, sidecar_policy
-from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream, session
-
-REQUESTS = 1000
-PROMPTS = 50
-SPREAD = 1.0  # seconds over which the requests are sent
-EVENTS = 100
-TOKEN_DELAY = 0.010
+from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream
 
 
 async def _load(ctx: Context, lab: Lab, fake: Server, target: Server, label: str) -> dict[str, Any]:
@@ -43,33 +38,20 @@ async def _load(ctx: Context, lab: Lab, fake: Server, target: Server, label: str
     headers = fake_headers(EVENTS - 3, TOKEN_DELAY)
     bodies = [chat_body(f"coalesce {ctx.nonce} {label} {p}", stream=True) for p in range(PROMPTS)]
 
-    async def one(index: int, at: float) -> StreamTiming:
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        return await read_stream(client, url, bodies[index % PROMPTS], headers)
+    def read(client: aiohttp.ClientSession, index: int) -> Awaitable[StreamTiming]:
+        return read_stream(client, url, bodies[index % PROMPTS], headers)
 
     cpu = target.cpu_seconds()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     client_cpu = usage.ru_utime + usage.ru_stime
-    async with session(timeout=120) as client:
-        t0 = time.perf_counter() + 0.05
-        tasks = [one(i, t0 + i * SPREAD / REQUESTS) for i in range(REQUESTS)]
-        async with asyncio.timeout(120):
-            timings = await asyncio.gather(*tasks)
+    timings = await burst.send(read)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     client_cpu = usage.ru_utime + usage.ru_stime - client_cpu
     stats = await lab.fake_stats(fake)
-    ok = [t for t in timings if t.ok and t.events == EVENTS]
-    totals = [t.total for t in ok]
     return {
         "label": label,
-        "ok": len(ok),
-        "errors": sorted({f"{t.status} {t.error}".strip() for t in timings if not t.ok})[:5],
+        **burst.summarise(timings),
         "upstream_calls": stats["total"],
-        "p50": percentile(totals, 50),
-        "p99": percentile(totals, 99),
-        "ttfe_p50": percentile([t.ttfe for t in ok], 50),
-        "ttfe_p99": percentile([t.ttfe for t in ok], 99),
-        "send_spread": max(t.sent for t in timings) - min(t.sent for t in timings),
         "server_cpu": target.cpu_seconds() - cpu,
         "client_cpu": client_cpu,
     }
@@ -107,13 +89,7 @@ async def run(ctx: Context) -> Section:
     async with ctx.lab() as lab:
         fake = await lab.fake()
         proxy = await lab.sidecar(sidecar_policy(fake.port))
-        async with session() as client:  # one throwaway stream: pools and imports
-            await read_stream(
-                client,
-                f"{proxy.url}/v1/chat/completions",
-                chat_body(f"warm {ctx.nonce}", stream=True),
-                fake_headers(8),
-            )
+        await burst.warm([proxy.url], f"warm {ctx.nonce}")
         before = served_counts(await metric_samples(lab, proxy))
         with_proxy = await _load(ctx, lab, fake, proxy, "llm-sidecar")
         samples = await metric_samples(lab, proxy)

@@ -19,9 +19,13 @@ on the client's one clock.
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Awaitable
 from typing import Any
 
+import aiohttp
+
+from bench import burst
+from bench.burst import EVENTS, PROMPTS, TOKEN_DELAY
 from bench.common import (
     Context,
     Section,
@@ -38,11 +42,6 @@ from bench.servers import Lab, sidecar_policy
 from bench.sse_client import StreamTiming, chat_body, fake_headers, read_stream, session
 
 REPLICAS = 3
-REQUESTS = 1000
-PROMPTS = 50
-SPREAD = 1.0
-EVENTS = 100
-TOKEN_DELAY = 0.010
 PAIRS = 20  # streams for the per-event comparison
 PAIR_TTFT = 0.3
 
@@ -69,27 +68,20 @@ async def _burst(
     headers = fake_headers(EVENTS - 3, TOKEN_DELAY)
     bodies = [chat_body(f"replicas {ctx.nonce} {label} {p}", stream=True) for p in range(PROMPTS)]
 
-    async def one(index: int, at: float) -> StreamTiming:
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    def read(client: aiohttp.ClientSession, index: int) -> Awaitable[StreamTiming]:
         url = f"{replicas[index % REPLICAS].url}/v1/chat/completions"
-        return await read_stream(client, url, bodies[(index // REPLICAS) % PROMPTS], headers)
+        return read_stream(client, url, bodies[(index // REPLICAS) % PROMPTS], headers)
 
     cpu = sum(r.cpu_seconds() for r in replicas)
     redis_cpu = redis.cpu_seconds()
     before = [served_counts(await metric_samples(lab, r)) for r in replicas]
-    async with session(timeout=120) as client:
-        t0 = time.perf_counter() + 0.05
-        tasks = [one(i, t0 + i * SPREAD / REQUESTS) for i in range(REQUESTS)]
-        async with asyncio.timeout(120):
-            timings = await asyncio.gather(*tasks)
+    timings = await burst.send(read)
     stats = await lab.fake_stats(fake)
     after = [served_counts(await metric_samples(lab, r)) for r in replicas]
     served: dict[str, int] = {}
     for a, b in zip(after, before, strict=True):
         for key, value in diff_counts(a, b).items():
             served[key] = served.get(key, 0) + value
-    ok = [t for t in timings if t.ok and t.events == EVENTS]
-    totals = [t.total for t in ok]
     cluster: dict[str, float] = {}
     for replica in replicas:
         for (name, labels), sample in (await metric_samples(lab, replica)).items():
@@ -100,13 +92,8 @@ async def _burst(
                 cluster[key] = cluster.get(key, 0) + sample
     return {
         "label": label,
-        "ok": len(ok),
-        "errors": sorted({f"{t.status} {t.error}".strip() for t in timings if not t.ok})[:5],
+        **burst.summarise(timings),
         "upstream_calls": stats["total"],
-        "p50": percentile(totals, 50),
-        "p99": percentile(totals, 99),
-        "ttfe_p50": percentile([t.ttfe for t in ok], 50),
-        "ttfe_p99": percentile([t.ttfe for t in ok], 99),
         "server_cpu": sum(r.cpu_seconds() for r in replicas) - cpu,
         "redis_cpu": redis.cpu_seconds() - redis_cpu,
         "served": served,
@@ -178,14 +165,7 @@ async def run(ctx: Context) -> Section:
                 await lab.sidecar(_policy(fake, redis, across), name=f"replica{i}")
                 for i in range(REPLICAS)
             ]
-            async with session() as client:  # one throwaway stream per replica: pools, imports
-                for index, replica in enumerate(replicas):
-                    await read_stream(
-                        client,
-                        f"{replica.url}/v1/chat/completions",
-                        chat_body(f"warm {ctx.nonce} {label} {index}", stream=True),
-                        fake_headers(8),
-                    )
+            await burst.warm([r.url for r in replicas], f"warm {ctx.nonce} {label}")
             results[label] = await _burst(ctx, lab, fake, redis, replicas, label)
             if across:
                 delay = await _remote_delay(ctx, replicas)

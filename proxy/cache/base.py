@@ -65,6 +65,11 @@ class Cache(Protocol):
         """Counters for `/status` and `/metrics`; None when the cache keeps none."""
         ...
 
+    async def flush(self) -> None:
+        """Wait for the writes `store` started so far; at once for a cache that
+        writes nothing off the caller's path."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -76,6 +81,9 @@ class NullCache:
         return None
 
     def stats(self) -> CacheStats | None:
+        return None
+
+    async def flush(self) -> None:
         return None
 
     async def close(self) -> None:
