@@ -16,7 +16,8 @@ its access line is even formatted, and a busy proxy writes many lines per
 call. Lines keep their order (one buffer, and a line logged off the loop
 first writes what is buffered); `flush()` writes the rest, and runs at
 shutdown (`logging.shutdown` at exit too). The buffer is bounded: past
-`MAX_BUFFERED` records it is written at once.
+`MAX_BUFFERED` records it is written at once. Lifecycle lines, warnings and
+errors are written at once: they are rare, and read as they happen.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class _JsonHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._pending.append(record)
-        if len(self._pending) >= MAX_BUFFERED:
+        # Warnings and errors go out at once: an operator (or a test) reading
+        # the log right after a failure must find it there.
+        if len(self._pending) >= MAX_BUFFERED or record.levelno >= logging.WARNING:
             self._write_pending()
             return
         if self._timer is not None:
@@ -178,3 +181,5 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     """A lifecycle line: `msg` is the event's name, the rest are fields."""
     if lifecycle_log.isEnabledFor(level):
         lifecycle_log.log(level, name, extra={"fields": fields})
+        # Rare and read as they happen (start, reload, drain): not batched.
+        flush()

@@ -52,6 +52,8 @@ async def test_admin_listener_serves_probes_through_the_drain(
                 assert response.status == 404
                 assert response.headers["x-llm-sidecar"] == "error"
                 assert (await response.json())["error"]["code"] == "not_found"
+        # Log lines are written in batches just after the fact: wait for it.
+        await until(lambda: bool(px.events("start")))
         [start] = px.events("start")
         assert (start["admin_host"], start["admin_port"]) == ("127.0.0.1", admin_port)
 
