@@ -310,7 +310,9 @@ def is_usage_chunk(chunk: JSON) -> bool:
             return False
         if part.get("finish_reason") is not None or not _empty(part.get("logprobs")):
             return False
-        if part.get("text") or any(not _empty(v) for v in (part.get("delta") or {}).values()):
+        delta = part.get("delta") or {}
+        # `role` says nothing: OpenRouter's usage chunk repeats `role: "assistant"`.
+        if part.get("text") or any(not _empty(v) for k, v in delta.items() if k != "role"):
             return False
     return True
 

@@ -241,8 +241,23 @@ USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
             False,
         ),
         ({**HEAD, "choices": [{"index": 0, "delta": {"content": "Hi"}}], "usage": USAGE}, False),
+        # OpenRouter's usage chunk repeats the role: it says nothing.
+        ({**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant"}}], "usage": USAGE}, True),
         (
-            {**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant"}}], "usage": USAGE},
+            {
+                **HEAD,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                "usage": USAGE,
+            },
+            True,
+        ),
+        ({**HEAD, "choices": [{"index": 0, "delta": {"refusal": "No"}}], "usage": USAGE}, False),
+        (
+            {
+                **HEAD,
+                "choices": [{"index": 0, "delta": {"reasoning_content": "Hm"}}],
+                "usage": USAGE,
+            },
             False,
         ),
         ({**HEAD, "choices": [{"index": 0, "delta": {"tool_calls": [{}]}}], "usage": USAGE}, False),
@@ -258,6 +273,9 @@ USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
         "finish",
         "content",
         "role",
+        "role_empty_content",
+        "refusal",
+        "reasoning",
         "tool_call",
         "completion_text",
     ],
