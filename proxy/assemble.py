@@ -4,17 +4,24 @@ A `stream: false` caller who shares a streamed call gets the chunks folded
 back into the object the upstream would have returned. Every dialect
 (OpenAI, Azure, vLLM, llama.cpp, Ollama, LiteLLM) folds by the same rules:
 
-* a string field streamed in pieces is concatenated (content, refusal,
-  reasoning text, legacy `function_call.arguments`, audio `transcript` and
-  `data`, and any field not known today), except identifiers (`id`, `name`,
-  `type`, `role`...), which are set once: llama.cpp repeats a tool call's
-  name in every delta;
+* a string field of the delta streamed in pieces is concatenated (content,
+  refusal, reasoning text, and any field not known today), except
+  identifiers (`id`, `name`, `type`, `role`...), which are set once:
+  llama.cpp repeats a tool call's name in every delta;
+* inside a nested object only the known text positions are pieces
+  (`text`, `thinking`, `arguments`, `transcript`, `data`...: legacy
+  `function_call.arguments`, audio); any other string there keeps its
+  latest value, since LiteLLM repeats `provider_specific_fields` whole;
+* a list of objects (OpenRouter's `reasoning_details`, LiteLLM's
+  `thinking_blocks`) is merged element by element, by each element's
+  `index`, or, without one, into the last element of the same `type`;
 * any other field keeps its latest value that is not null or empty: Azure's
   content-filter chunks carry `id: ""`, `model: ""` and `created: 0`, and
   its last chunk an empty `content_filter_results`;
 * a tool call is found by its `index`, but a new non-empty `id` at an
   occupied index opens a new call: Ollama sends parallel calls all at
-  index 0, each whole, with its own id.
+  index 0, each whole, with its own id; a message with tool calls whose only
+  content was the role chunk's `""` has `content: null`, as vLLM answers.
 
 `is_usage_chunk` says which chunk is the usage chunk whatever its `choices`
 look like (LiteLLM sends `[{"index": 0, "delta": {}}]`, not `[]`).
@@ -32,6 +39,11 @@ JSON = dict[str, Any]
 
 # Identifiers repeat (whole) in every piece that carries them; they are never pieces.
 _SET_ONCE = frozenset({"id", "name", "type", "role", "call_id", "object", "model"})
+# Inside a nested object, the strings that arrive in pieces; any other keeps its latest value.
+_TEXT = frozenset(
+    {"content", "text", "thinking", "reasoning", "reasoning_content", "refusal", "summary"}
+    | {"arguments", "transcript", "data"}
+)
 _LAST = frozenset({"choices", "object", "usage"})  # _finish puts these last
 _CHOICE_OWN = frozenset({"index", "delta", "logprobs", "finish_reason", "text"})
 # Fields a stream's chunks carry and the whole answer does not: OpenAI pads
@@ -41,6 +53,16 @@ _STREAM_ONLY = frozenset({"obfuscation"})
 
 class _Pieces(list[str]):
     """A string still arriving in pieces; joined once, when the fold is done."""
+
+
+class _Elements(list[JSON]):
+    """A list of objects still arriving in pieces, and its elements by their `index`."""
+
+    __slots__ = ("by_index",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_index: dict[int, JSON] = {}
 
 
 _MISSING = object()
@@ -73,8 +95,13 @@ def _top_fields(chunk: JSON, top: JSON) -> None:
             top[name] = value  # but not Azure's blank `id: ""`, `created: 0`
 
 
-def _merge(target: JSON, piece: JSON) -> None:
-    """Fold one streamed piece (a delta, or a part of one) into `target`."""
+def _merge(target: JSON, piece: JSON, nested: bool = False) -> None:
+    """Fold one streamed piece (a delta, or a part of one) into `target`.
+
+    At a delta's own level every string but an identifier is a piece; inside
+    a nested object only the known text positions are (`_TEXT`): LiteLLM
+    repeats `provider_specific_fields` whole in every chunk.
+    """
     for name, value in piece.items():
         kind = type(value)
         if kind is str:
@@ -82,6 +109,8 @@ def _merge(target: JSON, piece: JSON) -> None:
             if name in _SET_ONCE:
                 if not current:
                     target[name] = value
+            elif nested and name not in _TEXT:
+                _keep_latest(target, name, value)
             elif type(current) is _Pieces:
                 current.append(value)
             else:
@@ -90,9 +119,40 @@ def _merge(target: JSON, piece: JSON) -> None:
             inner = target.get(name)
             if type(inner) is not dict:
                 inner = target[name] = {}
-            _merge(inner, value)
+            _merge(inner, value, True)
+        elif kind is list and value and all(type(v) is dict for v in value):
+            _merge_elements(target, name, value)
         else:
             _keep_latest(target, name, value)
+
+
+def _merge_elements(target: JSON, name: str, elements: list[JSON]) -> None:
+    """A list of objects streamed in pieces: each element merged into the one it continues.
+
+    An element with an integer `index` continues the element of that index
+    (OpenAI's SDK accumulates every list delta this way, openai-python
+    lib/streaming/_deltas.py; OpenRouter numbers its `reasoning_details`).
+    Without one, a delta's first element continues the last element so far
+    when their `type` agrees (LiteLLM's `thinking_blocks` pieces carry no
+    index, and its own stream_chunk_builder joins them into one block); any
+    other element is a new one.
+    """
+    merged = target.get(name)
+    if type(merged) is not _Elements:
+        merged = target[name] = _Elements()
+    for position, element in enumerate(elements):
+        index = element.get("index")
+        if type(index) is int:
+            into = merged.by_index.get(index)
+            if into is None:
+                into = merged.by_index[index] = {}
+                merged.append(into)
+        elif position == 0 and merged and merged[-1].get("type") == element.get("type"):
+            into = merged[-1]
+        else:
+            into = {}
+            merged.append(into)
+        _merge(into, element, True)
 
 
 def _settle(value: Any) -> Any:
@@ -101,6 +161,8 @@ def _settle(value: Any) -> Any:
         for name, inner in value.items():
             if type(inner) is _Pieces:
                 value[name] = "".join(inner)
+            elif type(inner) is _Elements:
+                value[name] = _settle(list(inner))
             elif type(inner) is dict or type(inner) is list:
                 _settle(inner)
     elif type(value) is list:
@@ -183,6 +245,7 @@ def assemble_chat(chunks: Iterable[JSON]) -> JSON:
     top: JSON = {}
     choices: dict[int, JSON] = {}
     tools: dict[int, _ToolCalls] = {}
+    said_with_calls: set[int] = set()  # choices whose tool-call deltas also said `content`
     for chunk in chunks:
         _top_fields(chunk, top)
         for part in chunk.get("choices") or ():
@@ -199,6 +262,8 @@ def assemble_chat(chunks: Iterable[JSON]) -> JSON:
                 merged = tools.setdefault(index, _ToolCalls())
                 for call in calls:
                     merged.merge(call)
+                if delta.get("content") is not None:
+                    said_with_calls.add(index)
             # Calls merge by index and id; `tool_calls: []` or null is just a value.
             if calls:
                 delta = {k: v for k, v in delta.items() if k != "tool_calls"}
@@ -209,6 +274,11 @@ def assemble_chat(chunks: Iterable[JSON]) -> JSON:
         message["role"] = message["role"] or "assistant"
         if index in tools:
             message["tool_calls"] = _settle(tools[index].result())
+            if message["content"] == "" and index not in said_with_calls:
+                # vLLM opens every stream with `content: ""` but answers a tool
+                # call with `content: null`, as OpenAI does; Ollama says `""`
+                # beside each call, and in its whole answer too.
+                message["content"] = None
     return _finish(top, "chat.completion", [choices[i] for i in sorted(choices)])
 
 
@@ -233,8 +303,10 @@ def assemble_completion(chunks: Iterable[JSON]) -> JSON:
 def is_usage_chunk(chunk: JSON) -> bool:
     """The chunk that only reports usage, whatever its `choices` look like.
 
-    It carries `usage` and no content, tool call, logprobs or finish reason:
-    OpenAI sends `choices: []`, LiteLLM `[{"index": 0, "delta": {}}]`.
+    It carries `usage` and no content, tool call, refusal, reasoning text,
+    logprobs or finish reason, whatever `role` it repeats: OpenAI sends
+    `choices: []`, LiteLLM `[{"index": 0, "delta": {}}]`, OpenRouter
+    `[{"index": 0, "delta": {"role": "assistant", "content": ""}}]`.
     """
     if not isinstance(chunk.get("usage"), dict):
         return False
@@ -243,7 +315,9 @@ def is_usage_chunk(chunk: JSON) -> bool:
             return False
         if part.get("finish_reason") is not None or not _empty(part.get("logprobs")):
             return False
-        if part.get("text") or any(not _empty(v) for v in (part.get("delta") or {}).values()):
+        delta = part.get("delta") or {}
+        # `role` says nothing: OpenRouter's usage chunk repeats `role: "assistant"`.
+        if part.get("text") or any(not _empty(v) for k, v in delta.items() if k != "role"):
             return False
     return True
 

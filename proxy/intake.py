@@ -132,6 +132,24 @@ def _deterministic(body: dict[str, Any]) -> bool:
     return body.get("temperature") == 0 or body.get("seed") is not None
 
 
+def _keyed(body: dict[str, Any], ignore: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The body and ignored fields the key is made of.
+
+    An ignored `stream_options` ignores only `include_usage`, which the
+    proxy normalises (it asks for usage on every streamed call and withholds
+    the usage chunk from readers who did not). Its other members change
+    every chunk (vLLM's `continuous_usage_stats` puts usage on each), so
+    they stay in the key: a reader without them must not share the stream.
+    """
+    options = body.get("stream_options")
+    if "stream_options" not in ignore or not isinstance(options, dict):
+        return body, ignore
+    rest = {name: value for name, value in options.items() if name != "include_usage"}
+    if not rest:
+        return body, ignore  # keyed as before: entries already cached stay reachable
+    return {**body, "stream_options": rest}, tuple(n for n in ignore if n != "stream_options")
+
+
 def route_of(snapshot: Snapshot, request: web.Request) -> CompiledRoute:
     route = snapshot.match(request.method, request.rel_url.raw_path)
     if route is None:
@@ -160,14 +178,15 @@ def coalescible_intake(
         tenant = tenant_of_credentials(
             credentials_of(request.headers, config.credential_headers), query_credential
         )
+    keyed, ignored = _keyed(body, config.ignore_fields)
     try:
         key = request_key(
             tenant,
             route.upstream_name,
             request.method,
             path,
-            body,
-            config.ignore_fields,
+            keyed,
+            ignored,
             query=query,
             vary=[
                 ",".join(request.headers.getall(name, ())) or None for name in config.vary_headers

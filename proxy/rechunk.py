@@ -223,7 +223,12 @@ def _chat_parts(choice: JSON) -> list[JSON] | None:
                     # whole answer numbers every parallel call 0, which would glue
                     # their arguments together.
                     opening[name] = value
-            parts.append(_chat_part(index, {"tool_calls": [opening]}))
+            delta: JSON = {"tool_calls": [opening]}
+            if position == 0 and content == "":
+                # Said beside a call, an empty content folds back to "" (Ollama's
+                # answers), where a role chunk's "" folds to null (vLLM's).
+                delta = {"content": "", **delta}
+            parts.append(_chat_part(index, delta))
             arguments = function.get("arguments")
             if isinstance(arguments, str) and arguments:
                 more = {"index": position, "function": {"arguments": arguments}}

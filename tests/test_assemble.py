@@ -47,6 +47,83 @@ def test_every_string_field_streamed_in_pieces_is_concatenated() -> None:
     assert message["content"] == "Hi"
 
 
+def test_a_list_of_objects_streamed_in_pieces_is_merged_element_by_element() -> None:
+    text = {"type": "reasoning.text", "format": "anthropic-claude-v1"}
+    message = _message(
+        [
+            # OpenRouter: each detail says its `index`.
+            _chunk({"reasoning_details": [{**text, "text": "Plan", "index": 0}]}),
+            _chunk({"reasoning_details": [{**text, "text": " it", "index": 0}]}),
+            _chunk({"reasoning_details": [{**text, "signature": "S", "index": 0}]}),
+            _chunk(
+                {"reasoning_details": [{"type": "reasoning.encrypted", "data": "E", "index": 1}]}
+            ),
+            # LiteLLM: no index; a piece continues the last block of its type.
+            _chunk({"thinking_blocks": [{"thinking": "Let me "}]}),
+            _chunk({"thinking_blocks": [{"thinking": "think."}]}),
+            _chunk({"thinking_blocks": [{"thinking": "", "signature": "SIG=="}]}),
+            _chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": "R"}]}),
+            # Two elements in one delta are two elements.
+            _chunk({"citations": [{"type": "url", "url": "a"}, {"type": "url", "url": "b"}]}),
+            _chunk({}, finish="stop"),
+        ]
+    )
+    assert message["reasoning_details"] == [
+        {**text, "text": "Plan it", "signature": "S", "index": 0},
+        {"type": "reasoning.encrypted", "data": "E", "index": 1},
+    ]
+    assert message["thinking_blocks"] == [
+        {"thinking": "Let me think.", "signature": "SIG=="},
+        {"type": "redacted_thinking", "data": "R"},
+    ]
+    assert message["citations"] == [{"type": "url", "url": "a"}, {"type": "url", "url": "b"}]
+
+
+def test_inside_a_nested_object_only_the_known_text_positions_are_pieces() -> None:
+    psf = {"reasoning_details": "r1", "region": "eu"}
+    message = _message(
+        [
+            _chunk({"role": "assistant", "provider_specific_fields": psf}),
+            _chunk({"content": "Hi", "provider_specific_fields": psf}),
+            _chunk({"provider_specific_fields": {**psf, "region": "us"}}, finish="stop"),
+        ]
+    )
+    # Repeated whole in every chunk: the latest value, not "r1r1r1".
+    assert message["provider_specific_fields"] == {"reasoning_details": "r1", "region": "us"}
+
+
+def test_a_tool_call_answer_whose_only_content_was_the_role_chunks_is_null() -> None:
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}
+    more = {"index": 0, "function": {"arguments": "{}"}}
+    # vLLM: `content: ""` on the role chunk, null in its own answer (and OpenAI's).
+    vllm = _message(
+        [
+            _chunk({"role": "assistant", "content": ""}),
+            _chunk({"tool_calls": [call]}),
+            _chunk({"tool_calls": [more]}, finish="tool_calls"),
+        ]
+    )
+    assert vllm["content"] is None
+    # Ollama says "" beside each call, and in its whole answer too.
+    whole = {**call, "function": {"name": "f", "arguments": "{}"}}
+    ollama = _message(
+        [
+            _chunk({"role": "assistant", "content": "", "tool_calls": [whole]}),
+            _chunk({"role": "assistant", "content": ""}, finish="tool_calls"),
+        ]
+    )
+    assert ollama["content"] == ""
+    # Text before the calls is content, whoever sends it.
+    spoken = _message(
+        [
+            _chunk({"role": "assistant", "content": ""}),
+            _chunk({"content": "Let me check."}),
+            _chunk({"tool_calls": [call]}, finish="tool_calls"),
+        ]
+    )
+    assert spoken["content"] == "Let me check."
+
+
 def test_other_fields_keep_their_latest_value_that_is_not_null_or_empty() -> None:
     folded = assemble_chat(
         [
@@ -164,8 +241,23 @@ USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
             False,
         ),
         ({**HEAD, "choices": [{"index": 0, "delta": {"content": "Hi"}}], "usage": USAGE}, False),
+        # OpenRouter's usage chunk repeats the role: it says nothing.
+        ({**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant"}}], "usage": USAGE}, True),
         (
-            {**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant"}}], "usage": USAGE},
+            {
+                **HEAD,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                "usage": USAGE,
+            },
+            True,
+        ),
+        ({**HEAD, "choices": [{"index": 0, "delta": {"refusal": "No"}}], "usage": USAGE}, False),
+        (
+            {
+                **HEAD,
+                "choices": [{"index": 0, "delta": {"reasoning_content": "Hm"}}],
+                "usage": USAGE,
+            },
             False,
         ),
         ({**HEAD, "choices": [{"index": 0, "delta": {"tool_calls": [{}]}}], "usage": USAGE}, False),
@@ -181,6 +273,9 @@ USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
         "finish",
         "content",
         "role",
+        "role_empty_content",
+        "refusal",
+        "reasoning",
         "tool_call",
         "completion_text",
     ],

@@ -111,6 +111,31 @@ async def test_usage_chunk_only_for_readers_who_asked(
     assert fake.total_calls == 1
 
 
+async def test_stream_options_that_change_every_chunk_are_part_of_the_key(
+    fake: FakeUpstream, proxy: RunningProxy
+) -> None:
+    # vLLM's continuous_usage_stats puts usage on every chunk: a reader without
+    # it must not share that stream. include_usage alone still shares (above).
+    fake.hold_after = 0
+    url = f"{proxy.base_url}/chat/completions"
+    continuous = {"include_usage": True, "continuous_usage_stats": True}
+    bodies = [
+        {**CHAT, "stream": True, "stream_options": continuous},
+        {**CHAT, "stream": True},
+        {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+    ]
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.create_task(post(session, url, body)) for body in bodies]
+        await wait_readers(proxy, 3)
+        assert len(proxy.runtime.table) == 2
+        fake.release.set()
+        results = await asyncio.gather(*tasks)
+    assert fake.total_calls == 2
+    assert sorted(h["x-llm-sidecar"] for _, h, _ in results) == ["follow", "lead", "lead"]
+    sent = [orjson.loads(r.body)["stream_options"] for r in fake.requests]
+    assert sorted(o.get("continuous_usage_stats", False) for o in sent) == [False, True]
+
+
 async def test_different_credentials_never_share(fake: FakeUpstream, proxy: RunningProxy) -> None:
     fake.hold_after = 0
     url = f"{proxy.base_url}/chat/completions"

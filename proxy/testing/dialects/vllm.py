@@ -11,7 +11,9 @@ class VLLM(Dialect):
 
     Chunks are dumped with `exclude_unset`: no `usage` key but on the usage
     chunk (`choices: []`, only when `include_usage`), no `system_fingerprint`;
-    the role chunk says `content: ""`; reasoning streams as
+    the role chunk says `content: ""`, though a tool-call answer says
+    `content: null` (tool_parsers/hermes_tool_parser.py, extract_tool_calls:
+    `content=content if content else None`); reasoning streams as
     `reasoning_content` before the content; a tool call opens with its name
     and no arguments; the last chunk adds `stop_reason`. The whole object
     adds `prompt_logprobs`, `kv_transfer_params` and `tool_calls: []`.
@@ -57,7 +59,8 @@ class VLLM(Dialect):
     def message(self, c: Choice) -> JSON:
         calls = [self.whole_call(k, call) for k, call in enumerate(c.calls)]
         reasoning = None if c.calls else "".join(REASONING)
-        text = "".join(c.pieces)
+        # Its tool parsers answer `content: None` when no text came before the calls.
+        text = "".join(c.pieces) or (None if c.calls else "")
         message = {"role": "assistant", "reasoning_content": reasoning, "content": text}
         return {**message, "tool_calls": calls}
 
