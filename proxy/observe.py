@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.logs import access_log
+from proxy.logs import access_log, log_path
 from proxy.runtime import Runtime
 from proxy.trail import TRAIL, Trail
 
@@ -116,7 +116,7 @@ class Observer:
             fields = {
                 "request_id": trail.request_id,
                 "method": request.method,
-                "path": request.path,
+                "path": log_path(request.path),
                 "route": trail.route,
                 "served": served or "none",
                 "status": status,

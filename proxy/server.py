@@ -45,14 +45,18 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import error_body
 from proxy.headers import SERVED_BY
+from proxy.logs import log_path
 from proxy.policy import Limits
 
 log = logging.getLogger("llm_sidecar.server")
 
 # Method and path of a request line (origin or absolute form), never the
 # query nor an absolute form's authority (it may hold user:password): that
-# is all a log line may say about a request it could not parse.
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?(/[^?# \r\n]*)")
+# is all a log line may say about a request it could not parse. `log_path`
+# strips what the path itself may carry (a `//user:pass@` form, `;params`).
+_REQUEST_LINE = re.compile(
+    rb"([A-Z]{1,20}) (?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?(/[^?# \r\n]*)([?# \r\n])?"
+)
 _PATH_CHARS = 256
 # Like every answer the proxy makes itself, marked `x-llm-sidecar: error`.
 _TIMEOUT_408 = (
@@ -79,8 +83,10 @@ def request_line_of(data: bytes) -> tuple[str | None, str | None]:
     match = _REQUEST_LINE.match(data)
     if match is None:
         return None, None
-    path = match.group(2)[:_PATH_CHARS].decode("ascii", "backslashreplace")
-    return match.group(1).decode("ascii"), path
+    # Stripped whole, then cut: a cut first could keep a secret and lose its `@`.
+    # Not ended by a space, `?` or `#`: these bytes end inside the target.
+    path = log_path(match.group(2).decode("ascii", "backslashreplace"), match.group(3) is None)
+    return match.group(1).decode("ascii"), path[:_PATH_CHARS]
 
 
 class GuardedHandler(RequestHandler):
@@ -212,7 +218,7 @@ class GuardedHandler(RequestHandler):
             text = f"llm-sidecar: malformed HTTP request ({reason})"
             kind, code = "invalid_request_error", "malformed_request"
         else:
-            fields = {"method": request.method, "path": request.path, "status": status}
+            fields = {"method": request.method, "path": log_path(request.path), "status": status}
             if exc is not None:
                 log.error("request handler failed", exc_info=exc, extra={"fields": fields})
             text = f"llm-sidecar: {HTTPStatus(status).phrase.lower()}"
