@@ -92,7 +92,7 @@ def request_line_of(data: bytes) -> tuple[str | None, str | None]:
 class GuardedHandler(RequestHandler):
     """One connection: aiohttp's protocol plus the head timeout and clean errors."""
 
-    __slots__ = ("_head_seen", "_head_start", "_head_timer", "_header_timeout")
+    __slots__ = ("_head_seen", "_head_start", "_head_timer", "_header_timeout", "dropped")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, limits: Limits):
         # No aiohttp access log: the observer writes ours (aiohttp itself passes None).
@@ -108,6 +108,9 @@ class GuardedHandler(RequestHandler):
         # first of them (for the method and path of a log line if it fails).
         self._head_seen = False
         self._head_start = b""
+        # Why the proxy cut this connection mid-answer (`write_timeout`), if it
+        # did: the request's access line and metrics read it when it ends.
+        self.dropped: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -249,6 +252,20 @@ def _own_error(status: int) -> web.Response:
         body=error_body(text, "invalid_request_error", code),
         headers={"Content-Type": "application/json", SERVED_BY: "error"},
     )
+
+
+def note_dropped(transport: asyncio.BaseTransport, reason: str) -> None:
+    """The proxy cut this caller's connection (a stalled reader): its request
+    is logged 499 and counted in `readers_dropped`, whatever it returns."""
+    protocol = transport.get_protocol()
+    if isinstance(protocol, GuardedHandler):
+        protocol.dropped = reason
+
+
+def dropped_reason(request: web.BaseRequest) -> str | None:
+    """Why the proxy cut `request`'s connection (see `note_dropped`), or None."""
+    protocol = request.protocol
+    return protocol.dropped if isinstance(protocol, GuardedHandler) else None
 
 
 def stop_lingering(request: web.BaseRequest) -> None:
