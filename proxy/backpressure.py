@@ -3,7 +3,8 @@
 Writes to a caller never wait on its socket without limit: a reply goes out
 in pieces of about `stream.write_high_water`, and once that much waits for
 a caller its socket must drain within `stream.write_timeout`, or that caller
-alone is cut (`ReaderStalled`) and its buffer freed. No stage slot is ever
+alone is cut (`ReaderStalled`) and its buffer freed; its request is logged
+499 and counted as dropped (`proxy.server.note_dropped`). No stage slot is ever
 held across such a wait (DESIGN, Bounds).
 """
 
@@ -18,7 +19,11 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
 from proxy.policy import StreamSettings
+from proxy.server import note_dropped
 from proxy.trail import trail_of
+
+# The `reason` label of `llm_sidecar_readers_dropped_total` for a stalled reader.
+WRITE_TIMEOUT = "write_timeout"
 
 
 class ReaderStalled(ConnectionResetError):
@@ -42,6 +47,7 @@ async def write_deadline(
         if not deadline.expired():
             raise
         if transport is not None:
+            note_dropped(transport, WRITE_TIMEOUT)
             transport.abort()
         raise ReaderStalled(f"the client's socket did not drain in {seconds:g}s") from None
 

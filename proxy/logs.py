@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -41,6 +42,14 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+# Userinfo after `//` (a scheme-relative or absolute target's authority, or
+# a path that merely looks like one), plain or percent-encoded, up to its last `@`.
+_USERINFO = re.compile(r"(//|%2[Ff]%2[Ff])[^/?#]*(?:@|%40)")
+# An authority the logged text ends inside (a target cut short): its `@` may be past the cut.
+_OPEN_AUTHORITY = re.compile(r"(//|%2[Ff]%2[Ff])[^/?#]*\Z")
+# A path parameter (`;key=...`), plain or encoded, up to the end of its segment.
+_PARAMS = re.compile(r"(?:;|%3[Bb])[^/]*")
 
 access_log = logging.getLogger("llm_sidecar.access")
 lifecycle_log = logging.getLogger("llm_sidecar.lifecycle")
@@ -136,6 +145,18 @@ class _JsonHandler(logging.StreamHandler[TextIO]):
             self.stream.write("".join(lines))
         except Exception:
             self.handleError(records[-1])
+
+
+def log_path(path: str, cut: bool = False) -> str:
+    """`path` as a log line may show it: without userinfo (`//user:pass@host`)
+    and without `;params`, in any encoding, for they may hold credentials.
+    `cut`: the path may have been cut short, so an authority it ends in is
+    dropped whole."""
+    if "@" in path or ";" in path or "%" in path:
+        path = _PARAMS.sub("", _USERINFO.sub(r"\1", path))
+    if cut:
+        path = _OPEN_AUTHORITY.sub(r"\1", path)
+    return path
 
 
 def level_of(log: Log, environ: Mapping[str, str]) -> tuple[int, str | None]:

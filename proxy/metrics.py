@@ -1,7 +1,7 @@
 """Prometheus metrics: one registry per app, nothing but plain ints on the hot path.
 
 What moves per request (request counts, durations, bytes, upstream calls
-and attempts, retries, ejections, stage waits) is kept as plain ints and
+and attempts, retries, ejections, stage waits, dropped readers) is kept as plain ints and
 floats on the app's `Metrics`: counters in dicts, histograms as one int per
 bucket (found by bisection) and a float sum. Everything runs on the event
 loop thread, so no lock is taken (prometheus-client's own metrics take one
@@ -116,6 +116,8 @@ class Metrics:
         self._ejections: dict[str, _Counter] = {}
         self._waits = {name: _Histogram(_WAIT) for name in STAGES}
         self._reloads = {"ok": _Counter(), "failed": _Counter()}
+        # Callers the proxy cut, by reason; write_timeout shows from the start, at 0.
+        self._readers_dropped = {"write_timeout": _Counter()}
         # The live limiters (resized in place on reload, never replaced): their
         # free-slot counts join the stage-wait histogram at scrape time.
         self._limiters: tuple[StageLimiter, ...] = ()
@@ -175,6 +177,10 @@ class Metrics:
         child = self._waits.get(stage)
         if child is not None:
             child.observe(seconds)
+
+    def reader_dropped(self, reason: str) -> None:
+        """A caller cut by the proxy (`write_timeout`: it stopped reading)."""
+        _bump(self._readers_dropped, reason)
 
     def reloaded(self, ok: bool) -> None:
         self._reloads["ok" if ok else "failed"].value += 1
@@ -282,6 +288,13 @@ class _MetricsCollector(Collector):
         )
         _counters(reloads, m._reloads.items())
         yield reloads
+        dropped = CounterMetricFamily(
+            "llm_sidecar_readers_dropped",
+            "Callers the proxy cut, by reason (write_timeout: stopped reading).",
+            labels=["reason"],
+        )
+        _counters(dropped, list(m._readers_dropped.items()))
+        yield dropped
 
 
 def _retry_families(m: Metrics) -> Iterator[Metric]:

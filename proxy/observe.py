@@ -17,14 +17,16 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.logs import access_log
+from proxy.logs import access_log, log_path
 from proxy.runtime import Runtime
+from proxy.server import dropped_reason
 from proxy.trail import TRAIL, Trail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # What a request that ended without a response is counted as: the caller
-# left (the handler was cancelled, or its connection broke), or a bug.
+# left (the handler was cancelled, or its connection broke) or was dropped
+# for not reading, or a bug.
 CLIENT_GONE = 499
 INTERNAL = 500
 
@@ -85,6 +87,11 @@ class Observer:
         start: float,
     ) -> None:
         end = time.perf_counter()
+        dropped = dropped_reason(request)
+        if dropped is not None:
+            # Cut for not reading: the caller did not get the answer, whatever it began as.
+            status = CLIENT_GONE
+            self._metrics.reader_dropped(dropped)
         served = trail.served
         stream = trail.stream
         upstream = trail.upstream
@@ -116,7 +123,7 @@ class Observer:
             fields = {
                 "request_id": trail.request_id,
                 "method": request.method,
-                "path": request.path,
+                "path": log_path(request.path),
                 "route": trail.route,
                 "served": served or "none",
                 "status": status,

@@ -15,7 +15,15 @@ The canonical form (RFC 3986 §6.2.2, plus what proxies such as Envoy's
   `..` above the root is refused, not clamped;
 * NUL and other control bytes, backslashes (a separator to some servers),
   malformed escapes, double-encoded dots, slashes or controls (`%252e`,
-  for upstreams that decode twice) and `..;` path parameters are refused.
+  for upstreams that decode twice) and `..;` path parameters are refused;
+* bytes that are not UTF-8 once decoded (overlong forms such as `%c0%ae`,
+  stray or truncated sequences) are refused, and so are look-alikes of a
+  separator or a dot segment: a segment with a character that NFKC folds
+  to `/`, `\\`, `%`, `?` or `#` (fullwidth solidus U+FF0F) or that folds to
+  `.` or `..` (U+FF0E, U+2025), or with a slash-shaped character that has
+  no folding (U+2215 division slash, U+29F8 big solidus). A server or WAF
+  that decodes leniently or folds Unicode would see a different path than
+  this module did.
 
 The result must be an API prefix (`/v1`, or Azure's `/openai`) or lie under
 it. Pure: no I/O, no aiohttp.
@@ -24,6 +32,7 @@ it. Pure: no I/O, no aiohttp.
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import unquote_to_bytes
 
 API_PREFIX = "/v1"
@@ -45,6 +54,12 @@ _FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f\\]")
 # separator, a dot, a control byte or another escape.
 _DOUBLE_ENCODED = re.compile(rb"%(?:2[EeFf]|5[Cc]|[01][0-9A-Fa-f]|7[Ff]|25)")
 _DOTS = (b".", b"..")
+# Slash-shaped characters NFKC leaves alone; lenient servers and Unicode
+# "best fit" mappings take some of them for a separator.
+_SLASH_LIKE = frozenset("\u2044\u2215\u2216\u2571\u2572\u29f5\u29f8\u29f9")
+# What a segment may not fold to under NFKC: a separator, an escape, a query or fragment.
+_FOLDED_FORBIDDEN = re.compile(r"[/\\%?#\x00-\x1f\x7f]")
+_DOT_TEXT = (".", "..")
 
 
 class PathRejected(ValueError):
@@ -72,7 +87,13 @@ def _normalise(raw: str) -> str:
         raise PathRejected("the path must start with /")
     if _BAD_ESCAPE.search(raw):
         raise PathRejected("malformed percent-encoding")
-    data = unquote_to_bytes(raw)
+    try:
+        data = unquote_to_bytes(raw)
+        text = data.decode("utf-8")  # strict: overlong forms and surrogates fail too
+    except UnicodeError:
+        raise PathRejected("the decoded path is not valid UTF-8") from None
+    if not text.isascii() and _look_alike(text):
+        raise PathRejected("look-alikes of separators or dot segments are not allowed")
     if _FORBIDDEN.search(data):
         raise PathRejected("control bytes and backslashes are not allowed")
     kept: list[bytes] = []
@@ -94,3 +115,20 @@ def _normalise(raw: str) -> str:
         directory = False
     path = "/" + "/".join("".join(_ENCODE[b] for b in segment) for segment in kept)
     return path + "/" if directory and kept else path
+
+
+def _look_alike(text: str) -> bool:
+    """Whether a segment of `text` (decoded, non-ASCII) could read as a
+    separator or a dot segment to a server that folds Unicode."""
+    if not _SLASH_LIKE.isdisjoint(text):
+        return True
+    for segment in text.split("/"):
+        if segment.isascii():
+            continue
+        folded = unicodedata.normalize("NFKC", segment)
+        if folded.partition(";")[0] in _DOT_TEXT:
+            return True
+        # Only what folding brings in counts: `é%25` stays allowed.
+        if _FOLDED_FORBIDDEN.findall(folded) != _FOLDED_FORBIDDEN.findall(segment):
+            return True
+    return False

@@ -45,14 +45,18 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import error_body
 from proxy.headers import SERVED_BY
+from proxy.logs import log_path
 from proxy.policy import Limits
 
 log = logging.getLogger("llm_sidecar.server")
 
 # Method and path of a request line (origin or absolute form), never the
 # query nor an absolute form's authority (it may hold user:password): that
-# is all a log line may say about a request it could not parse.
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?(/[^?# \r\n]*)")
+# is all a log line may say about a request it could not parse. `log_path`
+# strips what the path itself may carry (a `//user:pass@` form, `;params`).
+_REQUEST_LINE = re.compile(
+    rb"([A-Z]{1,20}) (?:[a-zA-Z][a-zA-Z0-9+.-]*://[^/?# ]*)?(/[^?# \r\n]*)([?# \r\n])?"
+)
 _PATH_CHARS = 256
 # Like every answer the proxy makes itself, marked `x-llm-sidecar: error`.
 _TIMEOUT_408 = (
@@ -79,14 +83,16 @@ def request_line_of(data: bytes) -> tuple[str | None, str | None]:
     match = _REQUEST_LINE.match(data)
     if match is None:
         return None, None
-    path = match.group(2)[:_PATH_CHARS].decode("ascii", "backslashreplace")
-    return match.group(1).decode("ascii"), path
+    # Stripped whole, then cut: a cut first could keep a secret and lose its `@`.
+    # Not ended by a space, `?` or `#`: these bytes end inside the target.
+    path = log_path(match.group(2).decode("ascii", "backslashreplace"), match.group(3) is None)
+    return match.group(1).decode("ascii"), path[:_PATH_CHARS]
 
 
 class GuardedHandler(RequestHandler):
     """One connection: aiohttp's protocol plus the head timeout and clean errors."""
 
-    __slots__ = ("_head_seen", "_head_start", "_head_timer", "_header_timeout")
+    __slots__ = ("_head_seen", "_head_start", "_head_timer", "_header_timeout", "dropped")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, limits: Limits):
         # No aiohttp access log: the observer writes ours (aiohttp itself passes None).
@@ -102,6 +108,9 @@ class GuardedHandler(RequestHandler):
         # first of them (for the method and path of a log line if it fails).
         self._head_seen = False
         self._head_start = b""
+        # Why the proxy cut this connection mid-answer (`write_timeout`), if it
+        # did: the request's access line and metrics read it when it ends.
+        self.dropped: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -212,7 +221,7 @@ class GuardedHandler(RequestHandler):
             text = f"llm-sidecar: malformed HTTP request ({reason})"
             kind, code = "invalid_request_error", "malformed_request"
         else:
-            fields = {"method": request.method, "path": request.path, "status": status}
+            fields = {"method": request.method, "path": log_path(request.path), "status": status}
             if exc is not None:
                 log.error("request handler failed", exc_info=exc, extra={"fields": fields})
             text = f"llm-sidecar: {HTTPStatus(status).phrase.lower()}"
@@ -243,6 +252,20 @@ def _own_error(status: int) -> web.Response:
         body=error_body(text, "invalid_request_error", code),
         headers={"Content-Type": "application/json", SERVED_BY: "error"},
     )
+
+
+def note_dropped(transport: asyncio.BaseTransport, reason: str) -> None:
+    """The proxy cut this caller's connection (a stalled reader): its request
+    is logged 499 and counted in `readers_dropped`, whatever it returns."""
+    protocol = transport.get_protocol()
+    if isinstance(protocol, GuardedHandler):
+        protocol.dropped = reason
+
+
+def dropped_reason(request: web.BaseRequest) -> str | None:
+    """Why the proxy cut `request`'s connection (see `note_dropped`), or None."""
+    protocol = request.protocol
+    return protocol.dropped if isinstance(protocol, GuardedHandler) else None
 
 
 def stop_lingering(request: web.BaseRequest) -> None:

@@ -9,6 +9,7 @@ connection closed, its slot released and nothing cached.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from dataclasses import replace
@@ -161,6 +162,45 @@ async def test_a_caller_that_stops_reading_is_dropped_alone_after_the_write_time
     assert answer.endswith(b"data: [DONE]\n\n")
     assert len(answer) > BIG_TOKENS * PADDING
     await wait_idle(rt)
+
+
+async def test_a_dropped_reader_is_logged_499_and_counted_once(
+    fake: FakeUpstream, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_sidecar.access")
+    proxy = await start_proxy(_stall_policy("300ms"))
+    rt = proxy.runtime
+    value = rt.metrics.registry.get_sample_value
+    dropped = {"reason": "write_timeout"}
+    assert value("llm_sidecar_readers_dropped_total", dropped) == 0
+    body = {**CHAT, "stream": True}
+    _big_answer(fake)
+    async with aiohttp.ClientSession() as session:
+        leader = asyncio.create_task(post(session, f"{proxy.base_url}/chat/completions", body))
+        stream = await _backlog_logged(proxy)
+        stalled = await _stalled_caller(proxy.port, body)
+        try:
+            await wait_readers(proxy, 2)
+            await until(lambda: stream.readers == 1, timeout=10)  # dropped, mid-stream
+            assert await _cut_by_proxy(stalled)
+            fake.release.set()
+            async with asyncio.timeout(20):
+                status, _, _ = await leader
+        finally:
+            stalled.close()
+    await wait_idle(rt)
+    lines = [r.fields for r in caplog.records if r.name == "llm_sidecar.access"]  # type: ignore[attr-defined]
+    assert status == 200
+    assert sorted((line["served"], line["status"]) for line in lines) == [
+        ("follow", 499),
+        ("lead", 200),
+    ]
+    [cut] = [line for line in lines if line["status"] == 499]
+    assert 0 < cut["bytes_out"] < stream.size  # what it was sent before the cut
+    assert value("llm_sidecar_readers_dropped_total", dropped) == 1
+    assert value("llm_sidecar_requests_total", {"served": "follow", "status": "499"}) == 1
+    assert value("llm_sidecar_requests_total", {"served": "follow", "status": "200"}) is None
+    assert value("llm_sidecar_requests_total", {"served": "lead", "status": "200"}) == 1
 
 
 async def test_a_pushed_reader_that_stops_reading_is_dropped_alone(

@@ -214,6 +214,14 @@ ESCAPES = [
     ("POST", "/v1/chat/completions/../../../_admin"),
     ("POST", "/v1/chat/%2e%2e/%2e%2e/%2e%2e/_admin"),
     ("POST", "/v1/embeddings/..%2F..%2F..%2F_admin"),
+    # Not UTF-8 once decoded (overlong `.` and `/`), and look-alike separators.
+    ("GET", "/v1/rec/%c0%ae%c0%ae/%c0%ae%c0%ae/_admin"),
+    ("GET", "/v1/%c0%ae%c0%ae%c0%af_admin"),
+    ("GET", "/v1/files/%ff"),
+    ("GET", "/v1/..%ef%bc%8f_admin"),
+    ("GET", "/v1/..%e2%88%95_admin"),
+    ("GET", "/v1/..%e2%a7%b8_admin"),
+    ("POST", "/v1/chat/%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/_admin"),
 ]
 
 

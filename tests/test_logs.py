@@ -116,3 +116,22 @@ FORMATTER = JsonFormatter()  # one, so its per-second cache is crossed back and 
 def test_timestamps_read_as_datetime_writes_them(created: float) -> None:
     expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
     assert FORMATTER.timestamp(created) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "cut", "logged"),
+    [
+        ("/v1/chat/completions", False, "/v1/chat/completions"),
+        ("//u:s3cret@evil/v1/models", False, "//evil/v1/models"),
+        ("/v1//u:s3cret@evil/x", False, "/v1//evil/x"),
+        ("/v1/%2F%2Fu:s3cret%40evil/x", False, "/v1/%2F%2Fevil/x"),
+        ("/v1/models;key=s3cret", False, "/v1/models"),
+        ("/v1/a;key=s3cret/b;x=s3cret", False, "/v1/a/b"),
+        ("/v1/a%3Bkey=s3cret", False, "/v1/a"),
+        ("//u:s3cret", True, "//"),  # cut before its `@`
+        ("/v1/models/gpt-4o", True, "/v1/models/gpt-4o"),
+    ],
+)
+def test_logged_paths_carry_no_userinfo_or_params(path: str, cut: bool, logged: str) -> None:
+    assert logs.log_path(path, cut) == logged
+    assert "s3cret" not in logs.log_path(path, cut)

@@ -62,6 +62,9 @@ MALFORMED = [
     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Api-Key : %s\r\n\r\n",
     b"POST /v1/chat/completions?key=%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n%s\r\n0\r\n\r\n",
+    # The credential in the path itself: a scheme-relative target's userinfo, a path parameter.
+    b"GET //u:%s@evil/v1/models HTTP/1.1\r\nHost: x\r\nX-Bad: \x01\r\n\r\n",
+    b"GET /v1/models;key=%s HTTP/1.1\r\nHost: x\r\nX-Bad: \x01\r\n\r\n",
 ]
 
 
@@ -90,11 +93,12 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
         await px.wait_ready()
         auth = {"Authorization": f"Bearer {CALLER_SECRET}", "api-key": CALLER_SECRET}
 
-        async def call(method: str, path: str, **kwargs: Any) -> int:
+        async def call(method: str, path: str, echoed: bool = False, **kwargs: Any) -> int:
             url = f"{px.url}{path}" if path.startswith("/openai/") else f"{px.api}{path}"
             async with px.session.request(method, url, headers=auth, **kwargs) as response:
-                seen.append(str(response.headers))
-                seen.append(await response.text())
+                if not echoed:  # the fake's 404 quotes the path the caller sent it
+                    seen.append(str(response.headers))
+                    seen.append(await response.text())
                 return response.status
 
         statuses = [
@@ -119,8 +123,18 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
         path = f"/chat/completions?api-version=1&key={CALLER_SECRET}"
         statuses.append(await call("POST", path, json=chat("five")))
         statuses.append(await call("GET", f"/models?api-key={CALLER_SECRET}"))
+        # A credential as a path parameter, relayed as sent: the access line drops it.
+        statuses.append(await call("GET", f"/models;key={CALLER_SECRET}", echoed=True))
+        # Userinfo after `//`: as the whole target (no route: 404, no access line),
+        # and inside a /v1 path (relayed, the fake's 404 quotes it): logged without it.
+        for target in (f"//u:{CALLER_SECRET}@evil/v1/models", f"/v1//u:{CALLER_SECRET}@evil/x"):
+            head = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            answer = await exchange(px.port, head.encode())
+            statuses.append(int(answer.split(b" ", 2)[1]))
+            if target.startswith("//"):
+                seen.append(answer.decode("latin-1"))
         assert statuses[:5] == [200, 200, 200, 200, 200]
-        assert statuses[5:] == [400, 404, 500, 401, 200, 200]
+        assert statuses[5:] == [400, 404, 500, 401, 200, 200, 404, 404, 404]
         for template in MALFORMED:
             answer = await exchange(px.port, template.replace(b"%s", CALLER_SECRET.encode()))
             assert answer.split(b" ", 2)[1] == b"400"
@@ -144,13 +158,16 @@ async def test_no_secret_in_logs_metrics_status_or_bodies(
 
     lines = px.log_lines()  # every line is JSON, at every level
     assert {line["level"] for line in lines} >= {"info", "error"}
-    assert len([line for line in lines if line["logger"] == "llm_sidecar.access"]) == 11
+    access = [line for line in lines if line["logger"] == "llm_sidecar.access"]
+    assert len(access) == 13
+    assert {"/v1/models", "/v1//evil/x"} <= {line["path"] for line in access}
     refused = [line for line in lines if line["msg"] == "malformed request"]
     assert len(refused) == len(MALFORMED)
     # Method and path only: the query string (credential and all) is cut.
     assert {(line["method"], line["path"]) for line in refused} == {
         ("GET", "/v1/models"),
         ("POST", "/v1/chat/completions"),
+        ("GET", "//evil/v1/models"),
     }
     assert px.events("reload failed") and px.events("reload ok")
     seen.append(px.log_text())

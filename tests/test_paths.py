@@ -9,7 +9,8 @@ canonical path is its own canonical form.
 from __future__ import annotations
 
 import posixpath
-from urllib.parse import unquote
+import unicodedata
+from urllib.parse import unquote, unquote_to_bytes
 
 import pytest
 from hypothesis import example, given
@@ -60,6 +61,24 @@ ESCAPES = [
     "/openaix/deployments",
     "/openai/../_admin",
     "/openai/deployments/%2e%2e/%2e%2e/_admin",
+    # Not UTF-8 once decoded: overlong dots and slashes, stray and cut sequences.
+    "/v1/rec/%c0%ae%c0%ae/%c0%ae%c0%ae/_admin",
+    "/v1/%c0%af_admin",
+    "/v1/%e0%80%ae%e0%80%ae/_admin",
+    "/v1/files/%ff",
+    "/v1/files/%c3",
+    "/v1/files/%ed%a0%80",
+    # Look-alikes of separators and dot segments.
+    "/v1/..%ef%bc%8f_admin",
+    "/v1/a%ef%bc%8fb",
+    "/v1/..%e2%88%95_admin",
+    "/v1/..%e2%a7%b8_admin",
+    "/v1/%ef%bc%8e%ef%bc%8e/_admin",
+    "/v1/%ef%bc%8e./_admin",
+    "/v1/%e2%80%a5/_admin",
+    "/v1/..%ef%bc%bc_admin",
+    "/v1/%ef%bc%85%32e%ef%bc%85%32e/_admin",
+    "/v1/\uff0e\uff0e/_admin",
 ]
 
 
@@ -88,7 +107,9 @@ CANONICAL = [
     ("/v1/files/a%23b", "/v1/files/a%23b"),
     ("/v1/files/100%25", "/v1/files/100%25"),
     ("/v1/files/%C3%A9", "/v1/files/%C3%A9"),
-    ("/v1/files/%ff", "/v1/files/%FF"),
+    ("/v1/files/%e2%80%a2", "/v1/files/%E2%80%A2"),
+    ("/v1/files/%C3%A9%25", "/v1/files/%C3%A9%25"),
+    ("/v1/files/a%ef%bc%8eb", "/v1/files/a%EF%BC%8Eb"),
     ("/v1/models/llama3:8b", "/v1/models/llama3:8b"),
     ("/v1/models/gpt-3.5-turbo", "/v1/models/gpt-3.5-turbo"),
     ("/v1/files/.hidden", "/v1/files/.hidden"),
@@ -121,6 +142,7 @@ PIECES = st.sampled_from(
     [
         "/", "//", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%25", "%00", ";",
         "v1", "models", "a", "%61", "%76%31", "_admin", "%", "?", "#", "%3F", "\x00", "é", "%ff",
+        "%c0%ae", "%c0%af", "%c3", "%ef%bc%8f", "%e2%88%95", "%e2%a7%b8", "%ef%bc%8e", "\uff0e",
     ]
 )  # fmt: skip
 PATHS = st.lists(PIECES, max_size=12).map(lambda parts: "/v1/" + "".join(parts))
@@ -152,3 +174,7 @@ def test_nothing_accepted_leaves_the_prefix(raw: str) -> None:
     for seen in (_resolved(path), _resolved(unquote(path))):
         assert under(seen, prefix), (raw, path, seen)
     assert "\x00" not in unquote(path) and "\\" not in unquote(path)
+    # Valid UTF-8, and a server that folds Unicode (NFKC) sees the same separators.
+    text = unquote_to_bytes(path).decode("utf-8")
+    assert not any(c in text for c in "\u2044\u2215\u29f8")
+    assert under(_resolved(unicodedata.normalize("NFKC", text)), prefix), (raw, path)
