@@ -22,7 +22,7 @@ IN_FLIGHT = 2 * BODY_LIMIT
 def _body(n: int) -> bytes:
     # Distinct prompts: every request leads its own upstream call and holds its body.
     pad = "{}," * ((BODY_LIMIT - 200) // 3 - 1)
-    return f'{{"model":"m","messages":[],"n":{n},"x":[{pad}{{}}]}}'.encode()
+    return f'{{"model":"m","messages":[],"seed":{n},"x":[{pad}{{}}]}}'.encode()
 
 
 async def test_bodies_past_the_budget_get_503_and_the_bytes_held_stay_bounded(
