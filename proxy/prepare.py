@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
+from proxy import jsonbody
 from proxy.endpoint import Endpoint
 from proxy.errors import HookRejected, UpstreamUnavailable
 from proxy.headers import CREDENTIAL_HEADERS
@@ -154,7 +155,7 @@ class HttpHookStep:
             async with asyncio.timeout(self.timeout):
                 async with self.client.session().post(
                     self.url,
-                    data=orjson.dumps(request.body),
+                    data=jsonbody.dumps(request.body),
                     headers={"Content-Type": "application/json"},
                     # Only the configured hook host is ever contacted.
                     allow_redirects=False,
@@ -175,10 +176,11 @@ class HttpHookStep:
                 f"llm-sidecar: the prepare hook's answer is over the {self.max_bytes}-byte limit"
             )
         try:
-            body = orjson.loads(payload)
-            # What goes upstream is re-encoded: orjson reads deeper than it writes.
-            orjson.dumps(body)
-        except (orjson.JSONDecodeError, TypeError) as exc:
+            # Exact both ways (an integer wider than 64 bits stays one), and
+            # re-encoded once here since orjson reads deeper than it writes.
+            body = jsonbody.loads(payload)
+            jsonbody.dumps(body)
+        except (ValueError, TypeError, RecursionError) as exc:
             raise UpstreamUnavailable(
                 "llm-sidecar: the prepare hook returned invalid or too deeply nested JSON"
             ) from exc

@@ -4,6 +4,7 @@ once per upstream call, in the leader stage only."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -85,6 +86,19 @@ async def test_http_hook_rewrites_once_per_upstream_call(
     assert hook.calls == 1 and fake.total_calls == 1
     assert orjson.loads(fake.requests[-1].body)["model"] == "hooked"
     await wait_idle(proxy.runtime)
+
+
+async def test_http_hook_keeps_an_integer_wider_than_64_bits_exact(
+    fake: FakeUpstream, start_proxy: StartProxy, hook: Hook
+) -> None:
+    # To the hook and back, then upstream: 2**70 stays an integer, not a float.
+    hook.changes = {"model": "hooked"}
+    proxy = await start_proxy(_route({"step": "http_hook", "url": hook.url}))
+    status, _, _ = await _post(f"{proxy.base_url}/chat/completions", {**CHAT, "seed": 2**70})
+    assert status == 200 and hook.calls == 1
+    sent = fake.requests[-1].body
+    assert b'"seed":1180591620717411303424' in sent.replace(b" ", b"")
+    assert json.loads(sent)["model"] == "hooked"
 
 
 async def test_http_hook_error_status_rejects(
