@@ -59,8 +59,7 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 pytest_plugins = ["tests.conftest_redis"]
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
+async def _running_fake() -> AsyncIterator[FakeUpstream]:
     upstream = FakeUpstream()
     await upstream.start()
     try:
@@ -68,18 +67,19 @@ async def fake() -> AsyncIterator[FakeUpstream]:
     finally:
         upstream.release.set()
         await upstream.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async for upstream in _running_fake():
+        yield upstream
 
 
 @pytest.fixture
 async def backup() -> AsyncIterator[FakeUpstream]:
     """A second fake upstream, for routes with more than one target."""
-    upstream = FakeUpstream()
-    await upstream.start()
-    try:
+    async for upstream in _running_fake():
         yield upstream
-    finally:
-        upstream.release.set()
-        await upstream.close()
 
 
 @pytest.fixture
